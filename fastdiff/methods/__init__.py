@@ -1,0 +1,24 @@
+"""Distillation methods. ``build_method`` turns a config and a loaded teacher into a Method."""
+
+from __future__ import annotations
+
+from .base import Group, Method
+
+METHODS = ("dmd2",)
+
+
+def build_method(cfg, teacher, latent_shape, with_real_data: bool) -> Method:
+    """The method named by ``cfg.method``, built on ``teacher``."""
+    if cfg.method == "dmd2":
+        from .dmd2 import DMD2
+
+        with_gan = {"on": True, "off": False, "auto": with_real_data}.get(cfg.dmd2.gan)
+        if with_gan is None:
+            raise ValueError(f"dmd2.gan must be auto, on or off, got {cfg.dmd2.gan!r}")
+        if with_gan and not with_real_data:
+            raise ValueError("dmd2.gan=on needs real images: set `dataset=<image folder>`")
+        return DMD2.from_teacher(teacher, cfg.dmd2, latent_shape, with_gan)
+    raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
+
+
+__all__ = ["METHODS", "Group", "Method", "build_method"]

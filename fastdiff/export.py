@@ -1,0 +1,218 @@
+"""Exports: a standard diffusers pipeline folder, LoRA weights (diffusers/PEFT + kohya), fastdiff.json, model card.
+
+The saved scheduler derives the trained timesteps from ``num_inference_steps`` alone, so
+``pipe(prompt, num_inference_steps=N, guidance_scale=0.0)`` is the whole recipe:
+- K student steps at LCM's own timesteps (e.g. [999, 749, 499, 249]): ``LCMScheduler(original_inference_steps=K)``,
+  whose step is fastdiff's sampler (x0, then fresh noise to the next timestep);
+- one step at t != 999 (DMD2 SDXL's t=399): ``DDIMScheduler(timestep_spacing="leading", steps_offset=t)``, which
+  at one step returns the x0 prediction exactly;
+- anything else: LCMScheduler plus an explicit ``timesteps`` list, recorded as not derivable in fastdiff.json
+  and the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+
+logger = logging.getLogger("fastdiff")
+RECIPE_FILE = "fastdiff.json"
+
+
+def derive_scheduler(scheduler_config: dict, timesteps: list[int]):
+    """A diffusers scheduler whose ``set_timesteps(len(timesteps))`` gives ``timesteps``; (scheduler, derivable)."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    n = len(timesteps)
+    candidates = [LCMScheduler.from_config(scheduler_config, original_inference_steps=n)]
+    if n == 1:
+        candidates.append(
+            DDIMScheduler.from_config(
+                scheduler_config,
+                timestep_spacing="leading",
+                steps_offset=timesteps[0],
+                clip_sample=False,
+                set_alpha_to_one=True,
+                thresholding=False,
+            )
+        )
+    for sched in candidates:
+        sched.set_timesteps(n)
+        if sched.timesteps.tolist() == list(timesteps):
+            return sched, True
+    return candidates[0], False
+
+
+def image_grid(images: torch.Tensor, rows: int) -> Image.Image:
+    """[N, 3, H, W] images in [0, 1] -> one PIL grid with ``rows`` rows."""
+    n, _, h, w = images.shape
+    cols = -(-n // rows)
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for i, img in enumerate(arr):
+        r, c = divmod(i, cols)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    return Image.fromarray(grid)
+
+
+def read_recipe(folder: str | Path) -> dict:
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a fastdiff export: {RECIPE_FILE} is missing")
+    return json.loads(path.read_text())
+
+
+def pipeline_kwargs(recipe: dict) -> dict:
+    """The call arguments that reproduce the trained sampler."""
+    kw = {"num_inference_steps": recipe["num_inference_steps"], "guidance_scale": recipe["guidance_scale"]}
+    if not recipe.get("timesteps_derivable", True):
+        kw["timesteps"] = recipe["timesteps"]
+    return kw
+
+
+def export(method, teacher, config: dict, out_dir: str | Path, lora_scale: float = 1.0, prompts=None) -> Path:
+    """Write ``pipeline/``, ``lora/`` (when the generator is a LoRA), ``fastdiff.json`` and ``README.md``.
+
+    Args:
+        method: the trained method; ``method.generator`` is a UNetDenoiser (its ``adapter`` names the LoRA).
+        teacher: the loaded Teacher (its folder supplies the other pipeline components, re-read in float32).
+        config: the run config as a dict (recorded in fastdiff.json).
+        out_dir: the export folder.
+        lora_scale: recommended LoRA scale.
+        prompts: prompts of the model card's sample grid.
+    """
+    from diffusers import DiffusionPipeline
+
+    from .models.lora import save_lora
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = method.generator
+    timesteps = list(method.student_timesteps)
+    pipe = DiffusionPipeline.from_pretrained(teacher.path, dtype=torch.float32, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    is_lora = gen.adapter not in ("*", None)
+    if is_lora:
+        shutil.rmtree(out / "lora", ignore_errors=True)
+        save_lora(out / "lora", gen.unet, gen.adapter, type(pipe))
+        pipe.load_lora_weights(
+            out / "lora"
+        )  # the merge goes through diffusers' own loader: the file is proven
+        pipe.fuse_lora(lora_scale=lora_scale)
+        pipe.unload_lora_weights()
+    else:
+        pipe.unet.load_state_dict({k: v.float() for k, v in gen.unet.state_dict().items()})
+    scheduler, derivable = derive_scheduler(dict(pipe.scheduler.config), timesteps)
+    pipe.scheduler = scheduler
+    shutil.rmtree(out / "pipeline", ignore_errors=True)
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    recipe = {
+        "method": method.name,
+        "num_inference_steps": len(timesteps),
+        "guidance_scale": 0.0,
+        "timesteps": timesteps,
+        "timesteps_derivable": derivable,
+        "scheduler": type(scheduler).__name__,
+        "lora_scale": lora_scale if is_lora else None,
+        "lora": "lora/pytorch_lora_weights.safetensors" if is_lora else None,
+        "pipeline_class": type(pipe).__name__,
+        "teacher": teacher.path,
+        "fastdiff_version": __version__,
+        "config": config,
+    }
+    if not derivable:
+        logger.warning(
+            "timesteps %s cannot be derived by a scheduler config: pass timesteps= explicitly", timesteps
+        )
+    recipe["check"] = _self_check(method, teacher, pipe, recipe)
+    (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+    grid_path = _sample_grid(pipe, recipe, out, prompts or ["a photo of a cat"])
+    (out / "README.md").write_text(model_card(recipe, grid_path.relative_to(out)))
+    return out
+
+
+@torch.no_grad()
+def _self_check(method, teacher, pipe, recipe) -> dict:
+    """Run the exported pipeline and fastdiff's own sampler on the same noise; record the largest difference."""
+    prompt = "a photo of a cat"
+    gen = torch.Generator().manual_seed(0)
+    latents = pipe(prompt, **pipeline_kwargs(recipe), generator=gen, output_type="latent").images
+    gen = torch.Generator().manual_seed(0)
+    device = teacher.device
+    shape = (1, *latents.shape[1:])
+    noise = torch.randn(shape, generator=gen).to(device)
+    ours = method.generate(noise, teacher.encode([prompt]), generator=gen)
+    diff = float((ours.float().cpu() - latents.float().cpu()).abs().max())
+    if diff > 1e-3:
+        logger.warning("exported pipeline differs from fastdiff's sampler by %.3g (max abs, latents)", diff)
+    return {"prompt": prompt, "seed": 0, "max_abs_diff_latents": diff}
+
+
+@torch.no_grad()
+def _sample_grid(pipe, recipe, out: Path, prompts: list[str]) -> Path:
+    images = []
+    for i, prompt in enumerate(prompts):
+        img = pipe(
+            prompt, **pipeline_kwargs(recipe), generator=torch.Generator().manual_seed(i), output_type="pt"
+        )
+        images.append(img.images[0])
+    (out / "samples").mkdir(exist_ok=True)
+    path = out / "samples" / "export_grid.png"
+    image_grid(torch.stack(images), rows=1).save(path)
+    return path
+
+
+def model_card(recipe: dict, grid: Path) -> str:
+    steps, cls = recipe["num_inference_steps"], recipe["pipeline_class"]
+    ts = "" if recipe["timesteps_derivable"] else f", timesteps={recipe['timesteps']}"
+    lora = ""
+    if recipe["lora"]:
+        lora = f"""
+## As a LoRA on the teacher
+
+```python
+import torch
+from diffusers import {cls}, {recipe["scheduler"]}
+
+pipe = {cls}.from_pretrained("{recipe["teacher"]}")
+pipe.load_lora_weights("lora")  # or weight_name="kohya_lora.safetensors" (kohya / ComfyUI keys)
+pipe.fuse_lora(lora_scale={recipe["lora_scale"]})
+pipe.scheduler = {recipe["scheduler"]}.from_pretrained("pipeline", subfolder="scheduler")
+image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0.0{ts}).images[0]
+```
+"""
+    note = ""
+    if not recipe["timesteps_derivable"]:
+        note = f"\n**Note:** the trained timesteps {recipe['timesteps']} cannot be derived by a scheduler config: pass them.\n"
+    return f"""---
+library_name: diffusers
+tags: [fastdiff, {recipe["method"]}, distillation]
+---
+# {recipe["method"].upper()} {steps}-step student of `{recipe["teacher"]}`
+
+Distilled with fastdiff {recipe["fastdiff_version"]} ({recipe["method"]}). Trained timesteps: {recipe["timesteps"]}
+(scheduler: {recipe["scheduler"]}, derived from `num_inference_steps` alone: {recipe["timesteps_derivable"]}).
+{note}
+## Standard pipeline
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("pipeline")
+image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0.0{ts}).images[0]
+```
+
+or `fastdiff generate . "a photo of a cat"`, which reads these arguments from `fastdiff.json`.
+{lora}
+## Samples
+
+![samples]({grid.as_posix()})
+"""

@@ -1,0 +1,141 @@
+"""Denoisers: every network a method talks to is read as an x0 predictor D(x_t, t, cond).
+
+A method never sees whether D is a UNet (native eps/v output, SDXL conditioning, a LoRA adapter on a shared base)
+or the closed-form Gaussian-mixture teacher: it calls ``D(x_t, t, cond)`` and gets x0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .. import schedule
+
+
+@dataclass
+class Cond:
+    """Text conditioning of a UNet batch: prompt embeddings, plus SDXL's pooled embeddings and time ids."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def _map(self, fn) -> Cond:
+        return Cond(
+            **{
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                for f in fields(self)
+            }
+        )
+
+    def __getitem__(self, idx) -> Cond:
+        return self._map(lambda v: v[idx])
+
+    def to(self, *args, **kwargs) -> Cond:
+        return self._map(lambda v: v.to(*args, **kwargs))
+
+    def unet_kwargs(self) -> dict:
+        kw = {"encoder_hidden_states": self.prompt_embeds}
+        if self.pooled is not None:
+            kw["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kw
+
+
+def cat_conds(conds: list) -> Cond | torch.Tensor:
+    """Concatenate conditions along the batch (``Cond`` objects or plain label tensors)."""
+    if isinstance(conds[0], torch.Tensor):
+        return torch.cat(conds)
+    return Cond(
+        **{
+            f.name: None
+            if getattr(conds[0], f.name) is None
+            else torch.cat([getattr(c, f.name) for c in conds])
+            for f in fields(Cond)
+        }
+    )
+
+
+class Denoiser(nn.Module):
+    """Base class: ``forward(x_t, t, cond)`` returns the x0 prediction; ``native`` the raw network output."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
+        self.prediction_type = prediction_type
+
+    def native(self, x_t, t, cond, features: bool = False):
+        raise NotImplementedError
+
+    def forward(self, x_t, t, cond, features: bool = False):
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        out = self.native(x_t, t, cond, features=features)
+        pred, feats = out if features else (out, None)
+        x0 = schedule.to_x0(pred.float(), x_t.float(), t, self.alphas_cumprod, self.prediction_type)
+        return (x0, feats) if features else x0
+
+
+class UNetDenoiser(Denoiser):
+    """A diffusers UNet2DConditionModel read as an x0 predictor.
+
+    Args:
+        unet: the UNet (possibly carrying peft LoRA adapters, possibly shared with other denoisers).
+        adapter: which LoRA adapter is active for this denoiser: a name, ``None`` for the bare base weights (the
+            teacher in shared-base mode), or ``"*"`` to leave the UNet as it is (no adapters at all).
+    """
+
+    def __init__(self, unet, alphas_cumprod, prediction_type="epsilon", adapter: str | None = "*"):
+        super().__init__(alphas_cumprod, prediction_type)
+        self.unet = unet
+        self.adapter = adapter
+        self._mid = None
+
+    def native(self, x_t, t, cond: Cond, features: bool = False):
+        from .lora import use_adapter
+
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        hook = None
+        if features:
+            hook = self.unet.mid_block.register_forward_hook(lambda m, i, o: setattr(self, "_mid", o))
+        try:
+            with use_adapter(self.unet, self.adapter):
+                dtype = self.unet.dtype
+                kw = cond.to(dtype=dtype).unet_kwargs()
+                pred = self.unet(x_t.to(dtype), t, **kw, return_dict=False)[0]
+        finally:
+            if hook is not None:
+                hook.remove()
+        if features:
+            feats, self._mid = self._mid, None
+            return pred, feats
+        return pred
+
+
+class CFG(nn.Module):
+    """Classifier-free guidance on a denoiser: x0 = x0(uncond) + w (x0(cond) - x0(uncond)).
+
+    (CFG in x0 space equals CFG in eps space: for fixed x_t, t the map eps -> x0 is affine.)
+
+    Args:
+        base: the conditional denoiser.
+        scale: guidance scale w; w == 1 is a plain conditional call.
+        null_cond: returns the unconditional condition for a batch of size n.
+    """
+
+    def __init__(self, base: nn.Module, scale: float, null_cond: Callable[[int], object]):
+        super().__init__()
+        self.base, self.scale, self.null_cond = base, float(scale), null_cond
+
+    def forward(self, x_t, t, cond):
+        if self.scale == 1.0:
+            return self.base(x_t, t, cond)
+        n = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device).expand(n)
+        both = self.base(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds([self.null_cond(n), cond]))
+        uncond, cond_x0 = both.chunk(2)
+        return uncond + self.scale * (cond_x0 - uncond)

@@ -1,0 +1,154 @@
+"""config -> teacher + method -> trainer -> export: the code behind ``train/distill.py`` and ``fastdiff train``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, load_config, to_dict
+
+logger = logging.getLogger("fastdiff")
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_batch_fn(cfg: TrainConfig, teacher, resolution: int, prompts, dataset, rank: int, world_size: int):
+    """``batch_fn(step, micro, generator)``: the batch of one micro-step, a pure function of its arguments."""
+    from .data import sample_indices
+
+    n_items = len(dataset) if dataset is not None else len(prompts)
+    accum = cfg.gradient_accumulation_steps
+
+    def batch_fn(step: int, micro: int, generator: torch.Generator) -> dict:
+        idx = sample_indices(n_items, cfg.train_batch_size, step * accum + micro, cfg.seed, rank, world_size)
+        real = None
+        if dataset is not None:
+            items = [dataset[i] for i in idx]
+            texts = [it["prompt"] for it in items]
+            pixels = torch.stack([it["pixel_values"] for it in items])
+            real = teacher.encode_images(pixels, generator=generator)
+        else:
+            texts = [prompts[i] for i in idx]
+        return {"cond": teacher.encode(texts, resolution), "real": real, "prompts": texts}
+
+    return batch_fn
+
+
+def make_validate_fn(cfg: TrainConfig, method, teacher, resolution, latent_shape, accelerator):
+    from .export import image_grid
+
+    prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
+    samples = Path(cfg.output_dir) / "samples"
+
+    @torch.no_grad()
+    def validate(step: int) -> None:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        noise = torch.randn((len(prompts), *latent_shape), generator=gen).to(accelerator.device)
+        x0 = method.generate(noise, teacher.encode(prompts, resolution), generator=gen)
+        images = teacher.decode(x0)
+        samples.mkdir(parents=True, exist_ok=True)
+        image_grid(images, rows=len(cfg.validation_prompts)).save(samples / f"step-{step:06d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", images.cpu().numpy(), step, dataformats="NCHW")
+
+    return validate
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run one distillation from its config; returns the output folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    from .data import ImageCaptionDataset, load_prompts
+    from .export import export
+    from .methods import build_method
+    from .teacher import Teacher
+    from .trainer import Trainer
+
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s"
+    )
+    set_seed(cfg.seed)  # the same on every rank: identical initial weights everywhere
+    teacher = Teacher(cfg.teacher, device=accelerator.device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
+    resolution = cfg.resolution or teacher.resolution
+    latent_shape = teacher.latent_shape(resolution)
+    dataset = ImageCaptionDataset(cfg.dataset, resolution) if cfg.dataset else None
+    prompts = load_prompts(cfg.prompts) if cfg.prompts else None
+    if dataset is None and prompts is None:
+        raise ValueError("no training prompts: set `prompts=<file.txt|.jsonl>` or `dataset=<image folder>`")
+    method = build_method(cfg, teacher, latent_shape, with_real_data=dataset is not None)
+    batch_fn = make_batch_fn(
+        cfg, teacher, resolution, prompts, dataset, accelerator.process_index, accelerator.num_processes
+    )
+    validate = make_validate_fn(cfg, method, teacher, resolution, latent_shape, accelerator)
+    trainer = Trainer(method, cfg, batch_fn, validate, to_dict(cfg), accelerator)
+    trainer.fit()
+    if dataset is not None and dataset.num_skipped:
+        logger.warning("%d unreadable images were skipped: %s", dataset.num_skipped, dataset.skipped[:10])
+    if cfg.export and accelerator.is_main_process:
+        trainer.use_ema_weights()
+        export(method, teacher, to_dict(cfg), out, cfg.lora_scale, prompts=cfg.validation_prompts)
+        logger.info("exported to %s", out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, teacher: str | None = None) -> Path:
+    """Rebuild the method from a checkpoint's saved config, load its weights (EMA where kept), and export."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .config import from_dict
+    from .export import export
+    from .methods import build_method
+    from .teacher import Teacher
+    from .trainer import load_group_tensors
+
+    checkpoint = Path(checkpoint)
+    state_file = checkpoint / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a fastdiff checkpoint (no trainer_state.json)")
+    state = json.loads(state_file.read_text())
+    cfg = from_dict(state["config"])
+    if teacher:
+        cfg.teacher = teacher
+    t = Teacher(cfg.teacher)
+    resolution = cfg.resolution or t.resolution
+    method = build_method(cfg, t, t.latent_shape(resolution), with_real_data=cfg.dataset is not None)
+    groups = method.groups()
+    load_group_tensors(groups, load_file(str(checkpoint / "trainable.safetensors")), checkpoint)
+    if (checkpoint / "ema.safetensors").is_file():
+        ema = load_file(str(checkpoint / "ema.safetensors"))
+        load_group_tensors(
+            [g for g in groups if any(k.startswith(f"{g.name}/") for k in ema)], ema, checkpoint
+        )
+    return export(method, t, to_dict(cfg), out_dir, cfg.lora_scale, prompts=cfg.validation_prompts)
+
+
+def parse_train_args(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Distil a diffusion teacher into a few-step generator (accelerate launch ...).",
+    )
+    parser.add_argument("--config", help="recipe YAML (assets/configs/...)")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. teacher=/models/sdxl max_steps=20"
+    )
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def main(argv=None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(parse_train_args(argv))

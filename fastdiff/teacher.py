@@ -1,0 +1,177 @@
+"""The teacher: a local diffusers pipeline folder (SD1.5 or SDXL) read as conditioning + denoisers + VAE."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .models.denoiser import Cond, UNetDenoiser
+
+FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15"}
+
+
+class TeacherError(ValueError):
+    """The teacher path is missing, not a diffusers pipeline, or of an unsupported kind."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def check_pipeline_folder(path: str | os.PathLike, families=FAMILIES) -> str:
+    """Validate a teacher path and return its pipeline class name; raise TeacherError saying what is wrong."""
+    p = Path(path)
+    if not p.exists():
+        looks_like_hub_id = isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/"))
+        if looks_like_hub_id and _offline():
+            raise TeacherError(
+                f"teacher '{path}' is not a local folder, and the Hugging Face hub is offline (HF_HUB_OFFLINE=1): "
+                "download the pipeline once (e.g. `huggingface-cli download` or `save_pretrained`) and pass its folder"
+            )
+        raise TeacherError(f"teacher folder not found: {path}")
+    index = p / "model_index.json"
+    if not index.is_file():
+        raise TeacherError(f"{path} is not a diffusers pipeline folder: it has no model_index.json")
+    try:
+        cls = json.loads(index.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise TeacherError(f"{index} is not a valid diffusers model_index.json ({e})") from None
+    if cls not in families:
+        raise TeacherError(f"{path} holds a {cls}; supported teachers: {', '.join(families)}")
+    return cls
+
+
+class Teacher:
+    """A loaded teacher pipeline.
+
+    Args:
+        path: local diffusers folder of a StableDiffusionPipeline or StableDiffusionXLPipeline.
+        device: where the networks live.
+        dtype: dtype of the frozen networks (the trainer casts trainable copies to float32).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ):
+        from diffusers import DiffusionPipeline
+
+        cls = check_pipeline_folder(path)
+        self.path = str(path)
+        self.family = FAMILIES[cls]
+        self.pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        for name, module in self.pipeline.components.items():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval()
+                if name != "unet":  # the UNet is placed by whoever owns the trainable copies
+                    module.to(self.device)
+        self.unet.to(self.device)
+        sched = self.pipeline.scheduler
+        self.alphas_cumprod = sched.alphas_cumprod.float().clone()
+        self.prediction_type = sched.config.prediction_type
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = self.unet.config.sample_size * self.vae_scale
+        self._cache: dict[str, Cond] = {}
+
+    # --- components -------------------------------------------------------------------------------------------
+    @property
+    def unet(self):
+        return self.pipeline.unet
+
+    @property
+    def vae(self):
+        return self.pipeline.vae
+
+    @property
+    def pipeline_class(self):
+        return type(self.pipeline)
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        res = resolution or self.resolution
+        if res % self.vae_scale:
+            raise ValueError(
+                f"resolution {res} is not a multiple of the VAE's downsampling factor {self.vae_scale}"
+            )
+        return (self.unet.config.in_channels, res // self.vae_scale, res // self.vae_scale)
+
+    def denoiser(self, unet=None, adapter: str | None = "*") -> UNetDenoiser:
+        """Read ``unet`` (default: the teacher's own) as an x0 predictor speaking the teacher's schedule."""
+        return UNetDenoiser(
+            unet if unet is not None else self.unet, self.alphas_cumprod, self.prediction_type, adapter
+        )
+
+    # --- conditioning -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: list[str], resolution: int | None = None) -> Cond:
+        """Text conditioning for a batch of prompts (cached per prompt, kept on the teacher's device)."""
+        res = resolution or self.resolution
+        missing = [p for p in dict.fromkeys(prompts) if (p, res) not in self._cache]
+        if missing:
+            for p, c in zip(missing, self._encode(missing, res)):
+                self._cache[(p, res)] = c
+        conds = [self._cache[(p, res)] for p in prompts]
+        return Cond(
+            prompt_embeds=torch.stack([c.prompt_embeds for c in conds]),
+            pooled=None if conds[0].pooled is None else torch.stack([c.pooled for c in conds]),
+            time_ids=None if conds[0].time_ids is None else torch.stack([c.time_ids for c in conds]),
+        )
+
+    def _encode(self, prompts: list[str], res: int) -> list[Cond]:
+        pipe = self.pipeline
+        if self.family == "sdxl":
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompts, device=self.device, do_classifier_free_guidance=False
+            )
+            time_ids = pipe._get_add_time_ids(
+                (res, res),
+                (0, 0),
+                (res, res),
+                dtype=embeds.dtype,
+                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+            ).to(self.device)
+            return [Cond(e, p, time_ids[0]) for e, p in zip(embeds, pooled)]
+        embeds, _ = pipe.encode_prompt(prompts, self.device, 1, False)
+        return [Cond(e) for e in embeds]
+
+    def null_cond(self, n: int, resolution: int | None = None) -> Cond:
+        """The unconditional input for CFG: zeroed embeddings for SDXL (as its pipeline and DMD2 do), "" for SD1.5."""
+        if self.family == "sdxl":
+            c = self.encode([""], resolution)
+            c = Cond(torch.zeros_like(c.prompt_embeds), torch.zeros_like(c.pooled), c.time_ids)
+        else:
+            c = self.encode([""], resolution)
+        return c[[0] * n]
+
+    # --- pixels <-> latents -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], float32 [B, 3, H, W] (decoded in float32, as diffusers' upcast does)."""
+        vae = self.vae
+        cfg = vae.config
+        z = latents.float() / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None):
+            z = z + cfg.shift_factor
+        dtype = vae.dtype
+        if dtype != torch.float32:
+            vae.to(torch.float32)
+        try:
+            img = vae.decode(z.to(self.device), return_dict=False)[0]
+        finally:
+            if dtype != torch.float32:
+                vae.to(dtype)
+        return (img / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (a sample of the VAE posterior)."""
+        vae = self.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        z = dist.sample(generator=generator).float()
+        if getattr(vae.config, "shift_factor", None):
+            z = z - vae.config.shift_factor
+        return z * vae.config.scaling_factor

@@ -1,0 +1,348 @@
+"""The training loop on accelerate. It knows parameter groups, not algorithms.
+
+Per iteration, each group whose ``interval`` divides the step computes its loss (over gradient-accumulation
+micro-batches), has its gradients averaged across ranks, clipped, and applied by its own optimizer. All randomness
+of a step comes from a generator seeded by (seed, step, rank, group, micro-batch), so a resumed run replays the
+uninterrupted one exactly. Gradients are averaged with one flattened all-reduce per group instead of DDP: methods
+call the same network several times per loss (in shared-base mode the teacher, fake score and generator are one
+UNet), which DDP's forward hooks cannot follow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .methods.base import Group, Method
+
+logger = logging.getLogger("fastdiff")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+def step_seed(seed: int, step: int, rank: int, group: int, micro: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + rank * 1_009 + group * 101 + micro) % (2**63)
+
+
+def find_checkpoint(output_dir: str | Path, which: str) -> Path | None:
+    """Resolve ``resume_from_checkpoint``: "latest" (newest complete checkpoint, or None) or a folder."""
+    if which != "latest":
+        path = Path(which)
+        if not path.is_dir():
+            path = Path(output_dir) / "checkpoints" / which
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"resume_from_checkpoint: {which} is not a fastdiff checkpoint folder")
+        return path
+    root = Path(output_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
+    found = [(s, p) for s, p in found if (p / "trainer_state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+class Trainer:
+    """Train a ``Method`` with accelerate.
+
+    Args:
+        method: the algorithm (its groups, losses and sampler).
+        cfg: the run config (``TrainConfig``: steps, precision, checkpointing, validation, trackers).
+        batch_fn: ``batch_fn(step, micro, generator) -> dict``, the batch of one micro-step (deterministic).
+        validate_fn: ``validate_fn(step) -> None``, run on the main process every ``validation_steps``.
+        config_dict: the plain config saved in checkpoints and given to trackers.
+        accelerator: an Accelerator to use (default: one built from cfg).
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        cfg,
+        batch_fn: Callable,
+        validate_fn: Callable | None = None,
+        config_dict: dict | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        self.cfg, self.method, self.batch_fn, self.validate_fn = cfg, method, batch_fn, validate_fn
+        self.config_dict = config_dict or {}
+        self.output_dir = Path(cfg.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
+        )
+        acc = self.accelerator
+        self.groups: list[Group] = method.groups()
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.last_terms: dict[str, float] = {}
+        self._setup_networks()
+        self.optimizers, self.schedulers = [], []
+        for g in self.groups:
+            opt = torch.optim.AdamW(
+                list(g.params.values()), lr=g.lr, betas=g.betas, weight_decay=g.weight_decay, eps=g.eps
+            )
+            warmup = (
+                g.warmup_steps * acc.num_processes
+            )  # accelerate steps a prepared scheduler once per process
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s, w=warmup: min(1.0, (s + 1) / w) if w else 1.0
+            )
+            opt, sched = acc.prepare(opt, sched)
+            self.optimizers.append(opt)
+            self.schedulers.append(sched)
+        self.emas = [self._make_ema(g) for g in self.groups]
+
+    # --- set-up -----------------------------------------------------------------------------------------------
+    def _setup_networks(self):
+        acc, method = self.accelerator, self.method
+        method.to(acc.device)
+        trainable = {id(p) for g in self.groups for p in g.params.values()}
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        for p in method.parameters():
+            if id(p) not in trainable:
+                p.requires_grad_(False)
+                if p.is_floating_point() and weight_dtype != torch.float32:
+                    p.data = p.data.to(
+                        weight_dtype
+                    )  # frozen weights in half precision, trainable ones in fp32
+        for g in self.groups:
+            for p in g.params.values():
+                p.data = p.data.float()
+        if self.cfg.gradient_checkpointing:
+            for m in method.modules():
+                if getattr(m, "_supports_gradient_checkpointing", False) and hasattr(
+                    m, "enable_gradient_checkpointing"
+                ):
+                    m.enable_gradient_checkpointing()
+        self._set_trainable(None)
+
+    def _make_ema(self, g: Group):
+        if not g.ema_decay:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(list(g.params.values()), decay=g.ema_decay)
+
+    def _set_trainable(self, group: Group | None):
+        """Only the group being updated requires grad; gradients still flow *through* the other networks."""
+        for g in self.groups:
+            for p in g.params.values():
+                p.requires_grad_(g is group)
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        if cfg.report_to != "none":
+            acc.init_trackers(cfg.tracker_project, config=_flat_config(self.config_dict))
+        if cfg.resume_from_checkpoint:
+            path = find_checkpoint(self.output_dir, cfg.resume_from_checkpoint)
+            if path is not None:
+                self.load_checkpoint(path)
+            else:
+                logger.info("resume_from_checkpoint=latest: no checkpoint yet, starting from scratch")
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process
+        )
+        while self.step < cfg.max_steps:
+            for gi, group in enumerate(self.groups):
+                if self.step % group.interval == 0:
+                    self._update(gi, group)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in self.last_terms.items()}, refresh=False)
+            acc.log({**self.last_terms, "nonfinite_total": self.nonfinite_total}, step=self.step)
+            if self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+            if self.validate_fn is not None and (
+                self.step % cfg.validation_steps == 0 or self.step == cfg.max_steps
+            ):
+                if acc.is_main_process:
+                    self.validate_fn(self.step)
+                acc.wait_for_everyone()
+        bar.close()
+        acc.end_training()
+
+    def _update(self, gi: int, group: Group) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        opt, sched, accum = self.optimizers[gi], self.schedulers[gi], cfg.gradient_accumulation_steps
+        self._set_trainable(group)
+        terms_sum: dict[str, float] = {}
+        finite = True
+        for micro in range(accum):
+            gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, acc.process_index, gi, micro))
+            batch = self.batch_fn(self.step, micro, gen)
+            with acc.autocast():
+                terms = self.method.loss(group.name, batch, self.step, gen)
+            loss = sum(terms.values()) / accum
+            # every rank must agree to skip, or the others would wait in the all-reduce forever
+            ok = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
+            if ok.item() < acc.num_processes:
+                finite = False
+                bad = {k: float(v) for k, v in terms.items()}
+                break
+            acc.backward(loss)
+            for k, v in terms.items():
+                terms_sum[f"{group.name}/{k}"] = terms_sum.get(f"{group.name}/{k}", 0.0) + float(v) / accum
+        params = list(group.params.values())
+        if finite:
+            self._all_reduce_grads(params)
+            if group.max_grad_norm:
+                norm = acc.clip_grad_norm_(params, group.max_grad_norm)
+                finite = bool(torch.isfinite(torch.as_tensor(norm)))
+                bad = {"grad_norm": float(norm)}
+        if not finite:
+            opt.zero_grad(set_to_none=True)
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+            logger.warning(
+                "non-finite loss in group %r at step %d (%s): update skipped", group.name, self.step, bad
+            )
+            acc.log({"nonfinite_total": self.nonfinite_total}, step=self.step)
+            if self.nonfinite_in_row >= cfg.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_row} non-finite losses in a row (last: group {group.name!r}, step {self.step}, "
+                    f"terms {bad}); lower the learning rate or check the data. Training stopped."
+                )
+            self._set_trainable(None)
+            return
+        self.nonfinite_in_row = 0
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if self.emas[gi] is not None:
+            self.emas[gi].step(params)
+        self.last_terms.update(terms_sum)
+        self.last_terms[f"{group.name}/lr"] = sched.get_last_lr()[0]
+        self._set_trainable(None)
+
+    def _all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = acc.reduce(torch.cat([g.flatten().float() for g in grads]), reduction="mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/checkpoint-<step> atomically: everything goes to a temporary folder, then a rename."""
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final, tmp = root / f"checkpoint-{self.step}", root / f".tmp-checkpoint-{self.step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # optimizers, lr schedulers, RNG states (accelerate)
+        if acc.is_main_process:
+            save_file(self._state_tensors(ema=False), str(tmp / "trainable.safetensors"))
+            if any(e is not None for e in self.emas):
+                save_file(self._state_tensors(ema=True), str(tmp / "ema.safetensors"))
+            state = {
+                "step": self.step,
+                "method": self.method.name,
+                "groups": [g.name for g in self.groups],
+                "nonfinite_total": self.nonfinite_total,
+                "nonfinite_in_row": self.nonfinite_in_row,
+                "last_terms": self.last_terms,
+                "num_processes": acc.num_processes,
+                "config": self.config_dict,
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune(root)
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self, root: Path) -> None:
+        limit = self.cfg.checkpoints_total_limit
+        if not limit:
+            return
+        found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
+        for _, p in found[:-limit]:
+            shutil.rmtree(p)
+
+    def _state_tensors(self, ema: bool) -> dict[str, torch.Tensor]:
+        out = {}
+        for g, e in zip(self.groups, self.emas):
+            if ema and e is None:
+                continue
+            values = e.shadow_params if ema else list(g.params.values())
+            for name, v in zip(g.params, values):
+                out[f"{g.name}/{name}"] = v.detach().float().cpu().contiguous()
+        return out
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore weights, EMA, optimizers, schedulers and the step: the run continues exactly."""
+        path = Path(path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["method"] != self.method.name or state["groups"] != [g.name for g in self.groups]:
+            raise ValueError(
+                f"{path} is a checkpoint of {state['method']} {state['groups']}, not of {self.method.name}"
+            )
+        self.accelerator.load_state(str(path))
+        self._load_tensors(load_file(str(path / "trainable.safetensors")), ema=False, where=path)
+        if (path / "ema.safetensors").is_file():
+            self._load_tensors(load_file(str(path / "ema.safetensors")), ema=True, where=path)
+        self.step = state["step"]
+        self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
+        self.last_terms = state.get("last_terms", {})
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], ema: bool, where: Path) -> None:
+        if not ema:
+            return load_group_tensors(self.groups, tensors, where)
+        for g, e in zip(self.groups, self.emas):
+            if e is not None:
+                load_group_tensors([g], tensors, where, targets=[e.shadow_params])
+
+    def use_ema_weights(self) -> None:
+        """Copy each group's EMA weights (where kept) into the live parameters, e.g. before export."""
+        for g, e in zip(self.groups, self.emas):
+            if e is not None:
+                e.copy_to(list(g.params.values()))
+
+
+def _flat_config(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_config(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[f"{prefix}{k}"] = v if v is not None else "none"
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def load_group_tensors(groups: list[Group], tensors: dict[str, torch.Tensor], where, targets=None) -> None:
+    """Copy ``<group>/<param>`` tensors of a checkpoint into the groups' parameters (or into ``targets``)."""
+    for i, g in enumerate(groups):
+        dests = targets[i] if targets is not None else list(g.params.values())
+        for name, dest in zip(g.params, dests):
+            key = f"{g.name}/{name}"
+            if key not in tensors:
+                raise KeyError(f"checkpoint {where} lacks {key}: it was written by a different configuration")
+            with torch.no_grad():
+                dest.copy_(tensors[key].to(dest.device, dest.dtype))
