@@ -30,9 +30,13 @@ def _generate(args) -> None:
     recipe = read_recipe(folder)
     pipe = DiffusionPipeline.from_pretrained(folder / "pipeline", use_safetensors=True)
     kwargs = pipeline_kwargs(recipe)
-    if args.steps is not None:
+    if args.steps is not None and args.steps != recipe["num_inference_steps"]:
+        if recipe["scheduler"] != "LCMScheduler" or not recipe.get("timesteps_derivable", True):
+            raise ValueError(
+                f"this export was trained for {recipe['num_inference_steps']} step(s) at timesteps {recipe['timesteps']}; "
+                "--steps can change the step count only of LCM-scheduled exports"
+            )
         kwargs["num_inference_steps"] = args.steps
-        kwargs.pop("timesteps", None)
     images = pipe(
         args.prompt,
         **kwargs,
@@ -96,7 +100,7 @@ def main(argv=None) -> None:
         from .config import ConfigError
         from .teacher import TeacherError
 
-        if isinstance(e, (ConfigError, TeacherError, FileNotFoundError)):
+        if isinstance(e, (ConfigError, TeacherError, FileNotFoundError)) or args.command == "generate":
             print(f"fastdiff: error: {e}", file=sys.stderr)
             sys.exit(2)
         raise

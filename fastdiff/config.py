@@ -7,12 +7,30 @@ allowed at that level. Method sections (``dmd2:``) hold each method's own settin
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are booleans, so `mixed_precision: no` stays the string "no"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -51,7 +69,7 @@ class TrainConfig:
     """Everything one distillation run needs."""
 
     method: str = "dmd2"
-    teacher: str = "???"  # local diffusers pipeline folder
+    teacher: str | None = None  # local diffusers pipeline folder
     output_dir: str = "out"
     seed: int = 0
     max_steps: int = 1000
@@ -109,7 +127,7 @@ def _parse_overrides(overrides: list[str]) -> dict:
         node = out
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value) if value else None
+        node[leaf] = _yaml(value) if value else None
     return out
 
 
@@ -121,7 +139,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        data = _yaml(path.read_text()) or {}
         _check_keys(data, TrainConfig, str(path))
         layers.append(data)
     over = _parse_overrides(list(overrides))

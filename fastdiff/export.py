@@ -95,6 +95,8 @@ def export(method, teacher, config: dict, out_dir: str | Path, lora_scale: float
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    method.float()  # training is over: compare and export in full precision
+    teacher.to_float32()
     gen = method.generator
     timesteps = list(method.student_timesteps)
     pipe = DiffusionPipeline.from_pretrained(teacher.path, dtype=torch.float32, use_safetensors=True)

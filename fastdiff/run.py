@@ -60,21 +60,18 @@ def make_validate_fn(cfg: TrainConfig, method, teacher, resolution, latent_shape
 
 def train(cfg: TrainConfig) -> Path:
     """Run one distillation from its config; returns the output folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
 
     from .data import ImageCaptionDataset, load_prompts
     from .export import export
     from .methods import build_method
     from .teacher import Teacher
-    from .trainer import Trainer
+    from .trainer import Trainer, make_accelerator
 
     out = Path(cfg.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    AcceleratorState._reset_state()  # a second run in one process may use another precision (keeps the process group)
+    accelerator = make_accelerator(cfg)
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s"
     )
@@ -100,17 +97,17 @@ def train(cfg: TrainConfig) -> Path:
         export(method, teacher, to_dict(cfg), out, cfg.lora_scale, prompts=cfg.validation_prompts)
         logger.info("exported to %s", out)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes trackers (and, with several ranks, the process group)
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, teacher: str | None = None) -> Path:
-    """Rebuild the method from a checkpoint's saved config, load its weights (EMA where kept), and export."""
+def load_checkpoint_method(checkpoint: str | Path, teacher: str | None = None, ema: bool = True):
+    """Rebuild (method, teacher, cfg) from a checkpoint's saved config and load its weights (EMA where kept)."""
     import json
 
     from safetensors.torch import load_file
 
     from .config import from_dict
-    from .export import export
     from .methods import build_method
     from .teacher import Teacher
     from .trainer import load_group_tensors
@@ -119,8 +116,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, teacher: str 
     state_file = checkpoint / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a fastdiff checkpoint (no trainer_state.json)")
-    state = json.loads(state_file.read_text())
-    cfg = from_dict(state["config"])
+    cfg = from_dict(json.loads(state_file.read_text())["config"])
     if teacher:
         cfg.teacher = teacher
     t = Teacher(cfg.teacher)
@@ -128,11 +124,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, teacher: str 
     method = build_method(cfg, t, t.latent_shape(resolution), with_real_data=cfg.dataset is not None)
     groups = method.groups()
     load_group_tensors(groups, load_file(str(checkpoint / "trainable.safetensors")), checkpoint)
-    if (checkpoint / "ema.safetensors").is_file():
-        ema = load_file(str(checkpoint / "ema.safetensors"))
+    if ema and (checkpoint / "ema.safetensors").is_file():
+        tensors = load_file(str(checkpoint / "ema.safetensors"))
         load_group_tensors(
-            [g for g in groups if any(k.startswith(f"{g.name}/") for k in ema)], ema, checkpoint
+            [g for g in groups if any(k.startswith(f"{g.name}/") for k in tensors)], tensors, checkpoint
         )
+    method.eval()
+    return method, t, cfg
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, teacher: str | None = None) -> Path:
+    """Export a checkpoint (EMA weights where kept) as pipeline/ + lora/ + fastdiff.json + model card."""
+    from .export import export
+
+    method, t, cfg = load_checkpoint_method(checkpoint, teacher)
     return export(method, t, to_dict(cfg), out_dir, cfg.lora_scale, prompts=cfg.validation_prompts)
 
 

@@ -78,6 +78,14 @@ class Teacher:
         self.resolution = self.unet.config.sample_size * self.vae_scale
         self._cache: dict[str, Cond] = {}
 
+    def to_float32(self) -> None:
+        """Upcast every component (e.g. after mixed-precision training, for an exact export check)."""
+        for module in self.pipeline.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(torch.float32)
+        self.dtype = torch.float32
+        self._cache.clear()
+
     # --- components -------------------------------------------------------------------------------------------
     @property
     def unet(self):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import AutocastKwargs, ProjectConfiguration
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -51,6 +51,19 @@ def find_checkpoint(output_dir: str | Path, which: str) -> Path | None:
     found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
     found = [(s, p) for s, p in found if (p / "trainer_state.json").is_file()]
     return max(found)[1] if found else None
+
+
+def make_accelerator(cfg) -> Accelerator:
+    """The Accelerator of a run. Autocast's weight-cast cache is off: a method may call a network without grad
+    (backward simulation) and then with grad in one autocast region, and cached casts would make gradient
+    checkpointing recompute a different graph."""
+    out = Path(cfg.output_dir)
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
+    )
 
 
 class Trainer:
@@ -88,7 +101,7 @@ class Trainer:
         self.groups: list[Group] = method.groups()
         self.step = 0
         self.nonfinite_total = 0
-        self.nonfinite_in_row = 0
+        self.nonfinite_in_row: dict[str, int] = {}  # per group: consecutive skipped updates
         self.last_terms: dict[str, float] = {}
         self._setup_networks()
         self.optimizers, self.schedulers = [], []
@@ -117,18 +130,12 @@ class Trainer:
             if id(p) not in trainable:
                 p.requires_grad_(False)
                 if p.is_floating_point() and weight_dtype != torch.float32:
-                    p.data = p.data.to(
-                        weight_dtype
-                    )  # frozen weights in half precision, trainable ones in fp32
+                    p.data = p.data.to(weight_dtype)  # frozen weights in half precision, trainable in fp32
         for g in self.groups:
             for p in g.params.values():
                 p.data = p.data.float()
         if self.cfg.gradient_checkpointing:
-            for m in method.modules():
-                if getattr(m, "_supports_gradient_checkpointing", False) and hasattr(
-                    m, "enable_gradient_checkpointing"
-                ):
-                    m.enable_gradient_checkpointing()
+            method.enable_gradient_checkpointing()
         self._set_trainable(None)
 
     def _make_ema(self, g: Group):
@@ -175,7 +182,6 @@ class Trainer:
                     self.validate_fn(self.step)
                 acc.wait_for_everyone()
         bar.close()
-        acc.end_training()
 
     def _update(self, gi: int, group: Group) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -193,11 +199,13 @@ class Trainer:
             ok = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
             if ok.item() < acc.num_processes:
                 finite = False
-                bad = {k: float(v) for k, v in terms.items()}
+                bad = {k: float(v.detach()) for k, v in terms.items()}
                 break
             acc.backward(loss)
             for k, v in terms.items():
-                terms_sum[f"{group.name}/{k}"] = terms_sum.get(f"{group.name}/{k}", 0.0) + float(v) / accum
+                terms_sum[f"{group.name}/{k}"] = (
+                    terms_sum.get(f"{group.name}/{k}", 0.0) + float(v.detach()) / accum
+                )
         params = list(group.params.values())
         if finite:
             self._all_reduce_grads(params)
@@ -208,19 +216,19 @@ class Trainer:
         if not finite:
             opt.zero_grad(set_to_none=True)
             self.nonfinite_total += 1
-            self.nonfinite_in_row += 1
+            in_row = self.nonfinite_in_row[group.name] = self.nonfinite_in_row.get(group.name, 0) + 1
             logger.warning(
                 "non-finite loss in group %r at step %d (%s): update skipped", group.name, self.step, bad
             )
             acc.log({"nonfinite_total": self.nonfinite_total}, step=self.step)
-            if self.nonfinite_in_row >= cfg.max_consecutive_nonfinite:
+            if in_row >= cfg.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
-                    f"{self.nonfinite_in_row} non-finite losses in a row (last: group {group.name!r}, step {self.step}, "
+                    f"{in_row} non-finite losses in a row (last: group {group.name!r}, step {self.step}, "
                     f"terms {bad}); lower the learning rate or check the data. Training stopped."
                 )
             self._set_trainable(None)
             return
-        self.nonfinite_in_row = 0
+        self.nonfinite_in_row[group.name] = 0
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -253,6 +261,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))  # optimizers, lr schedulers, RNG states (accelerate)
+        sync = self._rank_report()
         if acc.is_main_process:
             save_file(self._state_tensors(ema=False), str(tmp / "trainable.safetensors"))
             if any(e is not None for e in self.emas):
@@ -265,6 +274,7 @@ class Trainer:
                 "nonfinite_in_row": self.nonfinite_in_row,
                 "last_terms": self.last_terms,
                 "num_processes": acc.num_processes,
+                **sync,
                 "config": self.config_dict,
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -274,6 +284,20 @@ class Trainer:
             self._prune(root)
         acc.wait_for_everyone()
         return final
+
+    def _rank_report(self) -> dict:
+        """Per-rank parameter checksums (must agree: gradients are synchronised) and last losses (data differ)."""
+        acc = self.accelerator
+        with torch.no_grad():
+            params = [p for g in self.groups for p in g.params.values()]
+            checksum = sum(float(p.double().sum()) + float(p.double().square().sum()) for p in params)
+        loss = sum(v for k, v in self.last_terms.items() if not k.endswith("/lr"))
+        row = torch.tensor([[checksum, loss]], dtype=torch.float64, device=acc.device)
+        table = acc.gather(row).cpu().tolist() if acc.num_processes > 1 else row.cpu().tolist()
+        sums = [r[0] for r in table]
+        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+            raise RuntimeError(f"ranks hold different weights at step {self.step}: checksums {sums}")
+        return {"param_checksum_by_rank": sums, "loss_by_rank": [r[1] for r in table]}
 
     def _prune(self, root: Path) -> None:
         limit = self.cfg.checkpoints_total_limit

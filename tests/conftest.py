@@ -1,0 +1,26 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory):
+    """Tiny random-init SDXL and SD1.5 pipeline folders, built once per session."""
+    from fastdiff.models.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("teachers")
+    return {fam: str(save_tiny(fam, root / fam)) for fam in ("sdxl", "sd15")}
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

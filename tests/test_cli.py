@@ -1,0 +1,82 @@
+"""``fastdiff`` command line: tiny pipelines plain diffusers loads, and clear errors with exit code 2."""
+
+import json
+
+import pytest
+import torch
+
+from fastdiff.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_sd15_loads_in_plain_diffusers(tmp_path, capsys):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    out = tmp_path / "tiny-sd15"
+    main(["tiny", "--family", "sd15", "--out", str(out)])
+    assert str(out) in capsys.readouterr().out
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert list(out.rglob("*.safetensors"))
+
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert len(pipe.tokenizer) == 514
+    assert pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 32
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_tiny_prediction_type(tmp_path):
+    out = tmp_path / "tiny-v"
+    main(["tiny", "--family", "sd15", "--out", str(out), "--prediction-type", "v_prediction"])
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"
+
+
+def test_train_unknown_config_key_exits_2(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("teacher: /x\nmax_steps: 2\ndmd2:\n  guidance_scal: 3.0\n")
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--config", str(recipe)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "dmd2.guidance_scal" in err
+    assert str(recipe) in err
+    assert "guidance_scale" in err  # lists the allowed keys
+
+
+def test_train_unknown_override_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "teacher=/x", "max_stepz=2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "max_stepz" in err and "command-line overrides" in err
+
+
+def test_generate_without_recipe_exits_2(tmp_path, capsys):
+    folder = tmp_path / "not-an-export"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["generate", str(folder), "a photo of a cat"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "fastdiff.json" in err and str(folder) in err
+
+
+def test_export_without_checkpoint_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "trainer_state.json" in capsys.readouterr().err
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
