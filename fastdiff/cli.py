@@ -51,6 +51,15 @@ def _generate(args) -> None:
         print(path)
 
 
+def _bench(args) -> None:
+    if args.kind == "speed":
+        from .eval.bench_speed import run
+
+        run(args.out, iters=args.iters)
+    else:
+        raise ValueError(f"unknown benchmark {args.kind!r}")
+
+
 def _tiny(args) -> None:
     from .models.tiny import save_tiny
 
@@ -82,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--steps", type=int, help="override the recorded step count")
     p.set_defaults(fn=_generate)
+
+    p = sub.add_parser("bench", help="benchmarks: speed")
+    p.add_argument("kind", choices=["speed"])
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--iters", type=int, default=5)
+    p.set_defaults(fn=_bench)
 
     p = sub.add_parser("tiny", help="write a tiny random-init pipeline (offline tests, examples)")
     p.add_argument("--family", choices=["sd15", "sdxl"], default="sdxl")

@@ -1,0 +1,122 @@
+"""DMD2's pieces against hand-computed cases, and its memory modes on a tiny SDXL teacher."""
+
+import pytest
+import torch
+
+from fastdiff import schedule
+from fastdiff.config import DMD2Config
+from fastdiff.methods import losses
+from fastdiff.methods.dmd2 import DMD2
+from fastdiff.models.denoiser import CFG, Denoiser
+from fastdiff.models.gmm import scaled_linear_alphas_cumprod
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+def test_dmd_gradient_is_normalised_difference_of_scores():
+    x = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    real = torch.tensor(
+        [[0.0, 1.0], [0.0, 0.0]]
+    )  # second sample: x == real -> weight 0 -> gradient 0, not NaN
+    fake = torch.tensor([[2.0, 2.0], [1.0, 1.0]])
+    g = losses.dmd_gradient(x, real, fake)
+    weight = (x[0] - real[0]).abs().mean()  # 1.5
+    torch.testing.assert_close(g[0], (fake[0] - real[0]) / weight)
+    assert torch.isfinite(g).all()
+
+
+def test_dmd_loss_gradient_moves_samples_from_fake_toward_real():
+    x = torch.randn(8, 4, requires_grad=True)
+    real = torch.zeros(8, 4)  # the teacher's denoiser pulls to 0
+    fake = x.detach().clone()  # the fake score sits on the samples
+    losses.dmd_loss(x, real, fake).backward()
+    g = losses.dmd_gradient(x.detach(), real, fake)
+    torch.testing.assert_close(x.grad, g / x.numel())
+    step = x.detach() - 0.1 * x.grad.sign()
+    assert (step.norm(dim=1) < x.detach().norm(dim=1)).all()
+
+
+class Recorder(Denoiser):
+    """A generator whose x0 is a fixed function of its input, recording (x_t, t) per call."""
+
+    def __init__(self, acp):
+        super().__init__(acp, "sample")
+        self.calls = []
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def native(self, x_t, t, cond, features=False):
+        self.calls.append((x_t.detach().clone(), t.clone()))
+        return 0.5 * x_t * self.w
+
+
+def test_backward_simulation_feeds_each_step_its_own_k_step_input():
+    acp = scaled_linear_alphas_cumprod()
+    gen = Recorder(acp)
+    cfg = DMD2Config(student_timesteps=[999, 749, 499, 249])
+    method = DMD2(gen, gen, CFG(gen, 1.0, lambda n: None), cfg, (3,), {"w": gen.w}, {})
+    g = torch.Generator().manual_seed(0)
+    out = method._student_sample(None, 64, g, "cpu")
+    # replay the same draws: k per sample, the initial noise, then fresh noise for each simulated step
+    g = torch.Generator().manual_seed(0)
+    ts = torch.tensor(cfg.student_timesteps)
+    k = torch.randint(0, 4, (64,), generator=g)
+    x = torch.randn(64, 3, generator=g)
+    for i in range(int(k.max())):
+        x0 = 0.5 * x
+        eps = torch.randn(64, 3, generator=g)
+        assert not torch.allclose(eps, torch.randn(64, 3, generator=torch.Generator().manual_seed(0)))
+        x = torch.where((k > i)[:, None], schedule.add_noise(x0, eps, ts[i + 1].expand(64), acp), x)
+    last_x, last_t = gen.calls[-1]
+    torch.testing.assert_close(last_t, ts[k])
+    torch.testing.assert_close(last_x, x)
+    torch.testing.assert_close(out, 0.5 * x)
+    assert out.requires_grad  # gradient through the last step only
+    assert all(not c[0].requires_grad for c in gen.calls)
+    assert len(gen.calls) == int(k.max()) + 1 and set(k.tolist()) == {0, 1, 2, 3}
+
+
+def test_generate_renoises_with_fresh_noise_like_lcm():
+    acp = scaled_linear_alphas_cumprod()
+    gen = Recorder(acp)
+    method = DMD2(gen, gen, gen, DMD2Config(student_timesteps=[999, 499]), (3,), {"w": gen.w}, {})
+    noise = torch.randn(5, 3)
+    g = torch.Generator().manual_seed(7)
+    out = method.generate(noise, None, generator=g)
+    g = torch.Generator().manual_seed(7)
+    x1 = schedule.add_noise(0.5 * noise, torch.randn(5, 3, generator=g), torch.full((5,), 499), acp)
+    torch.testing.assert_close(out, 0.5 * x1)
+
+
+def test_shared_base_keeps_one_unet_in_memory(tiny_teachers):
+    from fastdiff.models.lora import unique_parameter_bytes
+    from fastdiff.teacher import Teacher
+
+    sizes = {}
+    for shared in (True, False):
+        t = Teacher(tiny_teachers["sdxl"])
+        kind = "lora" if shared else "full"
+        cfg = DMD2Config(generator=kind, fake_score=kind, shared_base=shared, lora_rank=4, lora_alpha=4)
+        method = DMD2.from_teacher(t, cfg, t.latent_shape(), with_gan=True)
+        sizes[shared] = unique_parameter_bytes(method)
+        unet_bytes = unique_parameter_bytes(t.unet)
+        if shared:
+            assert method.generator.unet is method.fake_score.unet is t.unet
+            assert sizes[shared] < 1.5 * unet_bytes + unique_parameter_bytes(method.head)
+        else:
+            assert sizes[shared] > 2.9 * unet_bytes
+        # GAN head on the fake score's mid-block features gives one logit per sample
+        x = torch.randn(2, *t.latent_shape())
+        _, feats = method.fake_score(x, torch.tensor([10, 900]), t.encode(["a", "b"]), features=True)
+        assert method.head(feats).shape == (2,)
+    assert sizes[True] <= 0.6 * sizes[False]
+
+
+def test_shared_base_requires_lora_for_both_networks(tiny_teachers):
+    from fastdiff.teacher import Teacher
+
+    t = Teacher(tiny_teachers["sdxl"])
+    with pytest.raises(ValueError, match="shared_base needs"):
+        DMD2.from_teacher(t, DMD2Config(generator="full", shared_base=True), t.latent_shape(), with_gan=False)
