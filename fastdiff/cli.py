@@ -56,8 +56,27 @@ def _bench(args) -> None:
         from .eval.bench_speed import run
 
         run(args.out, iters=args.iters)
-    else:
-        raise ValueError(f"unknown benchmark {args.kind!r}")
+        return
+    from .demo import DIGITS_TEACHER, teacher_guidance
+    from .eval import bench_quality
+
+    if args.gmm:
+        from .eval.bench_gmm import run as run_gmm
+
+        run_gmm(args.out or "bench-gmm", n=args.n)
+        return
+    teacher = args.teacher or str(DIGITS_TEACHER)
+    w = args.guidance_scale if args.guidance_scale is not None else teacher_guidance(Path(teacher))
+    steps = [int(s) for s in args.teacher_steps.split(",") if s]
+    systems = bench_quality.teacher_systems(teacher, w, steps)
+    systems += [bench_quality.export_system(e) for e in args.export]
+    bench_quality.run(systems, args.out or "bench", n=args.n, batch=args.batch)
+
+
+def _demo(args) -> None:
+    from .demo import demo
+
+    demo(args.output_dir, method=args.method, n=args.n, overrides=args.overrides)
 
 
 def _tiny(args) -> None:
@@ -92,11 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override the recorded step count")
     p.set_defaults(fn=_generate)
 
-    p = sub.add_parser("bench", help="benchmarks: speed")
-    p.add_argument("kind", choices=["speed"])
-    p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--iters", type=int, default=5)
+    p = sub.add_parser("bench", help="benchmarks: speed | quality")
+    p.add_argument("kind", choices=["speed", "quality"])
+    p.add_argument("--out", help="speed: a JSON file; quality: a folder (bench.json, bench.md, grids/)")
+    p.add_argument("--iters", type=int, default=5, help="speed: timed iterations")
+    p.add_argument("--teacher", help="quality: teacher pipeline folder (default: the bundled digits teacher)")
+    p.add_argument(
+        "--guidance-scale", type=float, help="quality: the teacher's CFG (default: its recommended)"
+    )
+    p.add_argument("--teacher-steps", default="1,2,4,8,25", help="quality: teacher rows (DDIM, trailing)")
+    p.add_argument(
+        "--export", action="append", default=[], help="quality: a fastdiff export folder (repeatable)"
+    )
+    p.add_argument("--n", type=int, default=1000, help="quality: images per system")
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument(
+        "--gmm", action="store_true", help="quality: the analytic Gaussian-mixture teacher instead"
+    )
     p.set_defaults(fn=_bench)
+
+    p = sub.add_parser("demo", help="distil the bundled digits teacher, export, sample and benchmark")
+    p.add_argument("--output-dir", default="demo")
+    p.add_argument("--method", default="dmd2")
+    p.add_argument("--n", type=int, default=500, help="images per system in the benchmark")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    p.set_defaults(fn=_demo)
 
     p = sub.add_parser("tiny", help="write a tiny random-init pipeline (offline tests, examples)")
     p.add_argument("--family", choices=["sd15", "sdxl"], default="sdxl")

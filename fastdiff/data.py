@@ -350,3 +350,34 @@ class ResumableBatchSampler:
                 self.num_items, self.batch_size, self.step, self.seed, self.rank, self.world_size
             )
             self.step += 1
+
+
+BUILTIN = {"builtin:digits": "scikit-learn's handwritten digits, train split (fastdiff.eval.digits)"}
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """The digits train split as image+caption pairs (captions cycle through the prompt paraphrases)."""
+
+    num_skipped = 0
+    skipped: list = []
+
+    def __init__(self, resolution: int = 32):
+        from .eval.digits import TEMPLATES, load_split, prompt_for
+
+        self.images, self.labels = load_split("train", resolution)
+        self._prompt = lambda i: prompt_for(int(self.labels[i]), i % len(TEMPLATES))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.images[i], "prompt": self._prompt(i)}
+
+
+def open_dataset(spec: str, resolution: int):
+    """A dataset from a config value: a folder (see ImageCaptionDataset) or a builtin name (``builtin:digits``)."""
+    if spec.startswith("builtin:"):
+        if spec not in BUILTIN:
+            raise ValueError(f"unknown builtin dataset {spec!r}; available: {', '.join(BUILTIN)}")
+        return DigitsDataset(resolution)
+    return ImageCaptionDataset(spec, resolution)

@@ -78,7 +78,15 @@ def pipeline_kwargs(recipe: dict) -> dict:
     return kw
 
 
-def export(method, teacher, config: dict, out_dir: str | Path, lora_scale: float = 1.0, prompts=None) -> Path:
+def export(
+    method,
+    teacher,
+    config: dict,
+    out_dir: str | Path,
+    lora_scale: float = 1.0,
+    prompts=None,
+    train_seconds=None,
+) -> Path:
     """Write ``pipeline/``, ``lora/`` (when the generator is a LoRA), ``fastdiff.json`` and ``README.md``.
 
     Args:
@@ -88,6 +96,7 @@ def export(method, teacher, config: dict, out_dir: str | Path, lora_scale: float
         out_dir: the export folder.
         lora_scale: recommended LoRA scale.
         prompts: prompts of the model card's sample grid.
+        train_seconds: wall time of the training run, recorded in fastdiff.json.
     """
     from diffusers import DiffusionPipeline
 
@@ -128,6 +137,7 @@ def export(method, teacher, config: dict, out_dir: str | Path, lora_scale: float
         "pipeline_class": type(pipe).__name__,
         "teacher": teacher.path,
         "fastdiff_version": __version__,
+        "train_seconds": train_seconds,
         "config": config,
     }
     if not derivable:

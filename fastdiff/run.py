@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -63,7 +64,7 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from .data import ImageCaptionDataset, load_prompts
+    from .data import load_prompts, open_dataset
     from .export import export
     from .methods import build_method
     from .teacher import Teacher
@@ -79,7 +80,7 @@ def train(cfg: TrainConfig) -> Path:
     teacher = Teacher(cfg.teacher, device=accelerator.device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
     resolution = cfg.resolution or teacher.resolution
     latent_shape = teacher.latent_shape(resolution)
-    dataset = ImageCaptionDataset(cfg.dataset, resolution) if cfg.dataset else None
+    dataset = open_dataset(cfg.dataset, resolution) if cfg.dataset else None
     prompts = load_prompts(cfg.prompts) if cfg.prompts else None
     if dataset is None and prompts is None:
         raise ValueError("no training prompts: set `prompts=<file.txt|.jsonl>` or `dataset=<image folder>`")
@@ -89,12 +90,14 @@ def train(cfg: TrainConfig) -> Path:
     )
     validate = make_validate_fn(cfg, method, teacher, resolution, latent_shape, accelerator)
     trainer = Trainer(method, cfg, batch_fn, validate, to_dict(cfg), accelerator)
+    t0 = time.perf_counter()
     trainer.fit()
+    train_seconds = time.perf_counter() - t0
     if dataset is not None and dataset.num_skipped:
         logger.warning("%d unreadable images were skipped: %s", dataset.num_skipped, dataset.skipped[:10])
     if cfg.export and accelerator.is_main_process:
         trainer.use_ema_weights()
-        export(method, teacher, to_dict(cfg), out, cfg.lora_scale, prompts=cfg.validation_prompts)
+        export(method, teacher, to_dict(cfg), out, cfg.lora_scale, cfg.validation_prompts, train_seconds)
         logger.info("exported to %s", out)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers (and, with several ranks, the process group)
