@@ -19,12 +19,12 @@ UNET_SD15_20M = dict(
     in_channels=4,
     out_channels=4,
     layers_per_block=2,
-    block_out_channels=(64, 128, 256, 256),
+    block_out_channels=(48, 96, 192, 192),  # about 19M parameters
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     attention_head_dim=8,
     cross_attention_dim=32,
-    norm_num_groups=32,
+    norm_num_groups=16,
 )
 
 
@@ -54,7 +54,7 @@ def _timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def train_worker(teacher: str, mode: str, batch: int, iters: int) -> dict:
+def train_worker(teacher: str, mode: str, batch: int, iters: int, lora_rank: int = 8) -> dict:
     """One configuration: build DMD2, run iterations, time its UNet passes alone. Runs in a fresh process."""
     from ..config import DMD2Config
     from ..methods.dmd2 import DMD2
@@ -64,11 +64,14 @@ def train_worker(teacher: str, mode: str, batch: int, iters: int) -> dict:
     torch.manual_seed(0)
     base_rss = _rss_mb()
     t = Teacher(teacher)
+    unet_params = sum(p.numel() for p in t.unet.parameters())
     shared = mode == "shared-base"
     cfg = DMD2Config(
         generator="lora" if shared else "full",
         fake_score="lora" if shared else "full",
         shared_base=shared,
+        lora_rank=lora_rank,
+        lora_alpha=lora_rank,
         student_timesteps=[999],
         dfake_gen_update_ratio=1,
         warmup_steps=0,
@@ -121,7 +124,7 @@ def train_worker(teacher: str, mode: str, batch: int, iters: int) -> dict:
                 p.requires_grad_(False)
 
     t_passes = _timed(passes, iters)
-    from ..models.lora import count_parameters, unique_parameter_bytes
+    from ..models.lora import unique_parameter_bytes
 
     return {
         "mode": mode,
@@ -133,7 +136,7 @@ def train_worker(teacher: str, mode: str, batch: int, iters: int) -> dict:
         "peak_rss_mb": peak,
         "weights_mb": unique_parameter_bytes(method) / 2**20,
         "trainable_params": sum(p.numel() for g in trainer.groups for p in g.params.values()),
-        "unet_params": count_parameters(t.unet),
+        "unet_params": unet_params,
     }
 
 
@@ -158,12 +161,12 @@ def latency(teacher: str, steps_teacher: int = 25, cfg: float = 3.0, repeats: in
 def run(out: str | None = None, iters: int = 5) -> dict:
     root = Path(tempfile.mkdtemp(prefix="fastdiff-bench-"))
     results = {"device": "cpu", "threads": torch.get_num_threads(), "training": [], "latency": {}}
-    for kind, batch in (("tiny-sdxl", 4), ("sd15-20m", 2)):
+    for kind, batch, rank in (("tiny-sdxl", 4, 4), ("sd15-20m", 2, 16)):
         folder = _teacher_folder(kind, root)
         for mode in ("full-copy", "shared-base"):
             code = (
                 "import json,sys; from fastdiff.eval.bench_speed import train_worker; "
-                f"print('RESULT'+json.dumps(train_worker({folder!r}, {mode!r}, {batch}, {iters})))"
+                f"print('RESULT'+json.dumps(train_worker({folder!r}, {mode!r}, {batch}, {iters}, {rank})))"
             )
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
