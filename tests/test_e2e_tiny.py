@@ -186,12 +186,14 @@ def test_real_images_switch_on_gan_and_corrupt_images_are_skipped(
             "checkpointing_steps=6",
             "export=false",
             "prompts=null",
+            "report_to=tensorboard",
         ],
     )
     with pytest.warns(UserWarning, match="broken.png"):
         train(cfg)
     terms = state(tmp_path / "out", 6)["last_terms"]
     assert "critic/gan_d" in terms and "generator/gan_g" in terms
+    assert list((tmp_path / "out/logs").rglob("events.out.tfevents.*"))  # the tracker wrote its log
 
 
 RECIPES = sorted(
