@@ -21,6 +21,10 @@ CFG. Three stages, all seeded:
 The pipeline is saved with an ``EulerDiscreteScheduler`` at ``timestep_spacing="trailing"`` (the default
 "leading" never starts at t=999), plus ``fastdiff_teacher.json`` (guidance scale, steps, wall times, losses,
 config) and ``samples.png`` (rows = digits 0..9) from a self-check that reloads the folder with plain diffusers.
+
+On shared CPU cores run with ``OMP_WAIT_POLICY=PASSIVE`` (``train/teacher.py`` sets it before torch loads): with
+OpenMP's default spin-waiting, 2 threads ran ~30x slower per step whenever another process held a core.
+``max_minutes`` caps the wall time of a run on a busy machine by stopping the UNet stage early.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from .schedule import add_noise, snr
 
 STATE_DIR = "_train_state"  # checkpoints inside the output folder; removed when the run completes
 TIME_IDS = (32, 32, 0, 0, 32, 32)  # original size, crop top-left, target size
+RESERVE_MINUTES = 3.0  # of TeacherConfig.max_minutes, kept for saving and the self-check
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -53,10 +58,10 @@ TIME_IDS = (32, 32, 0, 0, 32, 32)  # original size, crop top-left, target size
 class VAEConfig:
     """Stage 1: the autoencoder (32x32 RGB <-> 4x8x8 latents with three blocks)."""
 
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     layers_per_block: int = 1
     norm_num_groups: int = 16
-    steps: int = 1000
+    steps: int = 500
     batch_size: int = 64
     lr: float = 1e-3  # cosine-decayed to 10%
     kl_weight: float = 1e-5  # times the KL summed over latent elements, per image
@@ -78,12 +83,12 @@ class TextConfig:
 class UNetConfig:
     """Stage 3: the SDXL-conditioned UNet on 8x8 latents and its training."""
 
-    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
-    cross_attention: list[bool] = field(default_factory=lambda: [False, True])  # per level
-    transformer_layers_per_block: list[int] = field(default_factory=lambda: [1, 1])
-    attention_heads: list[int] = field(default_factory=lambda: [2, 4])  # diffusers' `attention_head_dim`
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # 8x8, 4x4, 2x2
+    cross_attention: list[bool] = field(default_factory=lambda: [False, True, True])  # per level
+    transformer_layers_per_block: list[int] = field(default_factory=lambda: [1, 1, 1])
+    attention_heads: list[int] = field(default_factory=lambda: [1, 2, 4])  # diffusers' `attention_head_dim`
     layers_per_block: int = 1
-    norm_num_groups: int = 32
+    norm_num_groups: int = 16
     addition_time_embed_dim: int = 16
     steps: int = 6000
     batch_size: int = 128
@@ -93,7 +98,6 @@ class UNetConfig:
     ema_decay: float = 0.999
     uncond_prob: float = 0.1  # zeroed prompt + pooled embeddings (SDXL's CFG unconditional)
     snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); null = plain eps MSE
-    max_minutes: float | None = None  # safety stop of this stage (the run is then not reproducible)
     checkpoint_minutes: float = 5.0
 
 
@@ -108,6 +112,8 @@ class TeacherConfig:
     samples_per_digit: int = 8  # columns of samples.png
     eval_guidance_scales: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])
     eval_per_digit: int = 20  # prompt accuracy per w with fastdiff's digit classifier, if it is trained
+    max_minutes: float | None = None  # wall-time cap of the whole run: the UNet stage stops early (not
+    # reproducible then; stats.unet.stopped_early says so) leaving RESERVE_MINUTES for saving and the self-check
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -191,6 +197,12 @@ def build_unet(cfg: UNetConfig, text: TextConfig, seed: int):
     """A random-init UNet2DConditionModel with SDXL's text_time conditioning for 8x8 latents."""
     from diffusers import UNet2DConditionModel
 
+    levels = {
+        k: len(getattr(cfg, k))
+        for k in ("block_out_channels", "cross_attention", "transformer_layers_per_block", "attention_heads")
+    }
+    if len(set(levels.values())) != 1:
+        raise ConfigError(f"unet: the per-level lists must have one entry per level, got lengths {levels}")
     torch.manual_seed(seed)
     xattn = list(cfg.cross_attention)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in xattn)
@@ -418,6 +430,7 @@ def train_unet(
     seed: int,
     state_dir: Path | None = None,
     resume: bool = False,
+    deadline: float | None = None,
     log_every: int = 50,
 ) -> dict:
     """Stage 3: train ``pipe.unet`` as an eps-prediction denoiser on the scaled latents; load its EMA at the end.
@@ -431,10 +444,11 @@ def train_unet(
         seed: seeds the batch order, noise, templates and dropout.
         state_dir: where checkpoints go (None: no checkpoints).
         resume: continue from the checkpoint in ``state_dir`` if there is one.
+        deadline: a ``time.time()`` at which to stop early (None: run all steps).
         log_every: steps between loss records.
 
     Returns:
-        stats: steps done, wall time, loss curve, whether the max_minutes guard stopped the run.
+        stats: steps done, wall time, loss curve, whether the deadline stopped the run.
     """
     unet = pipe.unet.train().requires_grad_(True)
     embeds, pooled, time_ids = prompt_table(pipe)
@@ -492,11 +506,9 @@ def train_unet(
             bar.set_postfix(loss=f"{state['curve'][-1][1]:.4f}")
             run = []
         state["step"], state["elapsed_s"] = done, time.time() - start
-        if cfg.max_minutes is not None and state["elapsed_s"] > cfg.max_minutes * 60 and done < cfg.steps:
+        if deadline is not None and time.time() > deadline and done < cfg.steps:
             stopped_early = True
-            print(
-                f"max_minutes={cfg.max_minutes} reached: stopping the UNet stage at step {done}/{cfg.steps}"
-            )
+            print(f"max_minutes reached: stopping the UNet stage at step {done}/{cfg.steps}")
             break
         if state_dir is not None and time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
             _save_unet_checkpoint(state_dir, unet, ema, opt, gen, state)
@@ -525,7 +537,8 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
     Args:
         cfg: the recipe.
         out: output folder (a StableDiffusionXLPipeline folder + fastdiff_teacher.json + samples.png).
-        resume: reuse the trained VAE and continue the UNet stage from the checkpoint in ``out/_train_state``.
+        resume: reuse the trained VAE and continue the UNet stage from the checkpoint in ``out/_train_state``
+            (``cfg.max_minutes`` then counts from the resumed start).
     """
     from diffusers import AutoencoderKL
 
@@ -573,7 +586,8 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
     print(f"[params] {stats['params']}", flush=True)
 
     mean, std = encode_posterior(vae, images)
-    stats["unet"] = train_unet(cfg.unet, pipe, mean, std, labels, cfg.seed + 300, state_dir, resume)
+    deadline = None if cfg.max_minutes is None else t0 + (cfg.max_minutes - RESERVE_MINUTES) * 60
+    stats["unet"] = train_unet(cfg.unet, pipe, mean, std, labels, cfg.seed + 300, state_dir, resume, deadline)
     stats["stage_wall_s"]["unet"] = stats["unet"]["wall_s"]
     print(f"[unet] {stats['unet']['steps']} steps, {stats['unet']['wall_s']:.0f} s", flush=True)
 
