@@ -65,6 +65,35 @@ class DMD2Config:
 
 
 @dataclass
+class TSCDConfig:
+    """TSCD / Hyper-SD (paper only); defaults from the PCM SD1.5 LoRA recipe where the paper gives none."""
+
+    student: str = "lora"  # lora (adapter "student" on the teacher UNet) | full (copy + EMA target copy)
+    lora_rank: int = 64
+    lora_alpha: int = 8
+    guidance_scale: float = 5.5  # standard CFG scale s (LCM-form w = s - 1; PCM SD1.5: w in [4, 5])
+    num_ddim_timesteps: int = 50  # N solver steps over T
+    segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # k per stage, in training order
+    stage_steps: list[int] = field(default_factory=lambda: [5000] * 4)  # per stage; the last runs on
+    loss_type: str = "huber"  # huber | l2
+    huber_c: float = 0.001  # PCM / LCM-LoRA SD1.5
+    lr: float = 5e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-3
+    warmup_steps: int = 500
+    max_grad_norm: float = 1.0
+    target_ema_decay: float = 0.95  # full mode: the target network is an EMA of the student (LCM)
+    ema_decay: float | None = None  # the trainer's EMA of the student weights, for export
+    adversarial_weight: float = 0.0  # PCM uses 0.1 when on
+    discriminator_lr: float = 1e-5
+    reward_weight: float = 0.0  # needs a reward_fn
+    dmd_weight: float = 0.0  # DMD term in the one-segment stage; needs a fake score
+    fake_lr: float = 1e-5
+    dmd_min_step: int = 20
+    dmd_max_step: int = 980
+
+
+@dataclass
 class TrainConfig:
     """Everything one distillation run needs."""
 
@@ -96,6 +125,7 @@ class TrainConfig:
     export: bool = True  # export pipeline/ + lora/ + fastdiff.json at the end
     lora_scale: float = 1.0  # recommended LoRA scale written to fastdiff.json
     dmd2: DMD2Config = field(default_factory=DMD2Config)
+    tscd: TSCDConfig = field(default_factory=TSCDConfig)
 
 
 def _check_keys(data: Any, schema: type, where: str, path: str = "") -> None:

@@ -27,11 +27,25 @@ logger = logging.getLogger("fastdiff")
 RECIPE_FILE = "fastdiff.json"
 
 
-def derive_scheduler(scheduler_config: dict, timesteps: list[int]):
-    """A diffusers scheduler whose ``set_timesteps(len(timesteps))`` gives ``timesteps``; (scheduler, derivable)."""
+def derive_scheduler(scheduler_config: dict, timesteps: list[int], sampler: str = "lcm"):
+    """A diffusers scheduler whose ``set_timesteps(len(timesteps))`` gives ``timesteps``; (scheduler, derivable).
+
+    ``sampler`` is how the student samples: "lcm" (x0, then fresh noise to the next timestep: DMD2) or "ddim"
+    (deterministic DDIM between trailing timesteps: consistency students such as TSCD).
+    """
     from diffusers import DDIMScheduler, LCMScheduler
 
     n = len(timesteps)
+    if sampler == "ddim":
+        sched = DDIMScheduler.from_config(
+            scheduler_config,
+            timestep_spacing="trailing",
+            set_alpha_to_one=True,
+            clip_sample=False,
+            thresholding=False,
+        )
+        sched.set_timesteps(n)
+        return sched, sched.timesteps.tolist() == list(timesteps)
     candidates = [LCMScheduler.from_config(scheduler_config, original_inference_steps=n)]
     if n == 1:
         candidates.append(
@@ -121,7 +135,8 @@ def export(
         pipe.unload_lora_weights()
     else:
         pipe.unet.load_state_dict({k: v.float() for k, v in gen.unet.state_dict().items()})
-    scheduler, derivable = derive_scheduler(dict(pipe.scheduler.config), timesteps)
+    sampler = getattr(method, "sampler", "lcm")
+    scheduler, derivable = derive_scheduler(dict(pipe.scheduler.config), timesteps, sampler)
     pipe.scheduler = scheduler
     shutil.rmtree(out / "pipeline", ignore_errors=True)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
@@ -132,6 +147,7 @@ def export(
         "timesteps": timesteps,
         "timesteps_derivable": derivable,
         "scheduler": type(scheduler).__name__,
+        "sampler": sampler,
         "lora_scale": lora_scale if is_lora else None,
         "lora": "lora/pytorch_lora_weights.safetensors" if is_lora else None,
         "pipeline_class": type(pipe).__name__,
@@ -140,6 +156,16 @@ def export(
         "train_seconds": train_seconds,
         "config": config,
     }
+    if sampler == "ddim":  # one LoRA for several step counts: the recipe of each (Hyper-SD's usage)
+        recipe["recipes"] = {
+            str(k): {
+                "num_inference_steps": k,
+                "guidance_scale": 0.0,
+                "scheduler": "TCDScheduler" if k == 1 else "DDIMScheduler",
+                **({"eta": 1.0} if k == 1 else {"timestep_spacing": "trailing"}),
+            }
+            for k in (1, 2, 4, 8)
+        }
     if not derivable:
         logger.warning(
             "timesteps %s cannot be derived by a scheduler config: pass timesteps= explicitly", timesteps

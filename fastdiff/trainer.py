@@ -125,11 +125,12 @@ class Trainer:
         acc, method = self.accelerator, self.method
         method.to(acc.device)
         trainable = {id(p) for g in self.groups for p in g.params.values()}
+        keep = {id(p) for name in method.keep_fp32 for p in method.get_submodule(name).parameters()}
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         for p in method.parameters():
             if id(p) not in trainable:
                 p.requires_grad_(False)
-                if p.is_floating_point() and weight_dtype != torch.float32:
+                if p.is_floating_point() and weight_dtype != torch.float32 and id(p) not in keep:
                     p.data = p.data.to(weight_dtype)  # frozen weights in half precision, trainable in fp32
         for g in self.groups:
             for p in g.params.values():
@@ -264,6 +265,12 @@ class Trainer:
         sync = self._rank_report()
         if acc.is_main_process:
             save_file(self._state_tensors(ema=False), str(tmp / "trainable.safetensors"))
+            extra = self.method.extra_state()
+            if extra:
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in extra.items()},
+                    str(tmp / "method_state.safetensors"),
+                )
             if any(e is not None for e in self.emas):
                 save_file(self._state_tensors(ema=True), str(tmp / "ema.safetensors"))
             state = {
@@ -329,6 +336,8 @@ class Trainer:
         self._load_tensors(load_file(str(path / "trainable.safetensors")), ema=False, where=path)
         if (path / "ema.safetensors").is_file():
             self._load_tensors(load_file(str(path / "ema.safetensors")), ema=True, where=path)
+        if (path / "method_state.safetensors").is_file():
+            self.method.load_extra_state(load_file(str(path / "method_state.safetensors")))
         self.step = state["step"]
         self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
         self.last_terms = state.get("last_terms", {})

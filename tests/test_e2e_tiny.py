@@ -196,9 +196,7 @@ def test_real_images_switch_on_gan_and_corrupt_images_are_skipped(
     assert list((tmp_path / "out/logs").rglob("events.out.tfevents.*"))  # the tracker wrote its log
 
 
-RECIPES = sorted(
-    p for p in (REPO / "assets/configs").glob("*.yaml") if not p.name.startswith("teacher_")
-)
+RECIPES = sorted(p for p in (REPO / "assets/configs").glob("*.yaml") if not p.name.startswith("teacher_"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])

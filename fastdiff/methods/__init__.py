@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import Group, Method
 
-METHODS = ("dmd2",)
+METHODS = ("dmd2", "tscd")
 
 
 def build_method(cfg, teacher, latent_shape, with_real_data: bool) -> Method:
@@ -18,6 +18,12 @@ def build_method(cfg, teacher, latent_shape, with_real_data: bool) -> Method:
         if with_gan and not with_real_data:
             raise ValueError("dmd2.gan=on needs real images: set `dataset=<image folder>`")
         return DMD2.from_teacher(teacher, cfg.dmd2, latent_shape, with_gan)
+    if cfg.method == "tscd":
+        from .tscd import TSCD
+
+        if not with_real_data:
+            raise ValueError("tscd trains on real latents (as PCM/LCM do): set dataset=<image folder>")
+        return TSCD.from_teacher(teacher, cfg.tscd, latent_shape)
     raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
 
 

@@ -36,6 +36,9 @@ class Method(nn.Module):
     """
 
     name = "method"
+    keep_fp32: tuple[
+        str, ...
+    ] = ()  # submodules the trainer must not cast to half precision (e.g. EMA targets)
 
     def groups(self) -> list[Group]:
         raise NotImplementedError
@@ -43,6 +46,13 @@ class Method(nn.Module):
     def loss(self, group: str, batch: dict, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Named scalar loss terms for ``group`` (the trainer sums them); draw all randomness from ``generator``."""
         raise NotImplementedError
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors outside the parameter groups that a resume needs (e.g. an EMA target network)."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``extra_state`` returned."""
 
     def enable_gradient_checkpointing(self) -> None:
         """Checkpoint every diffusers model inside, replaying each forward's LoRA adapter on recomputation."""

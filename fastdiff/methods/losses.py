@@ -46,6 +46,5 @@ def gan_discriminator_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor)
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """sqrt(||a - b||^2 + c^2) - c per sample, averaged."""
-    d = per_sample_mean((a.float() - b.float()) ** 2) * a[0].numel()
-    return (torch.sqrt(d + c**2) - c).mean()
+    """Elementwise pseudo-Huber mean(sqrt((a - b)^2 + c^2) - c), as LCM and PCM use it."""
+    return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).mean()

@@ -1,0 +1,370 @@
+"""TSCD / Hyper-SD: trajectory-segmented consistency distillation (Ren et al. 2024, "Hyper-SD").
+
+Paper only: rebuilt from the Hyper-SD paper and the PCM reference (G-U-N/Phased-Consistency-Model,
+``train_pcm_lora_sd15.py``, the closest public code); Hyper-SD released no training code.
+
+Solver: DDIM over N skip-spaced teacher timesteps (N = 50, T = 1000), Δ = T // N:
+    τ_n = (n + 1) Δ - 1  (n = 0..N-1: 19, 39, ..., 999),    τ'_n = [0, τ_0, ..., τ_{N-2}]_n = max(τ_n - Δ, 0)
+Segments, k per stage: edges e_j = floor(j N / k) (j = 0..k-1); solver index n belongs to e(n) = max{e_j ≤ n}.
+    jump_e(x̂0, ε̂) = sqrt(ᾱ(τ'_e)) x̂0 + sqrt(1 - ᾱ(τ'_e)) ε̂                 (DDIM to the segment's lower edge)
+One training step (per sample: n ~ U{0..N-1}, x0 a real latent, ε ~ N(0, I)):
+    x_n   = α(τ_n) x0 + σ(τ_n) ε
+    pred  = jump_e(n)( f_θ(x_n, τ_n) )                                         online student, no boundary scaling
+    x'    = sqrt(ᾱ(τ'_n)) x̂0_T + sqrt(1 - ᾱ(τ'_n)) ε̂_T,  (x̂0_T, ε̂_T) = teacher with CFG at (x_n, τ_n)
+    target = sg[ jump_e(n)( f_θ⁻(x', τ'_n) ) ],  or x' itself when n is an edge (c_skip = 1, the boundary)
+    L_CD  = mean( sqrt((pred - target)² + c²) - c )  (pseudo-Huber, elementwise)  or  MSE
+f_θ⁻ is the online student under no_grad (LoRA, as PCM and LCM-LoRA do) or an EMA copy (full fine-tune, as LCM).
+Stages k = 8 → 4 → 2 → 1 in one run, each continuing from the previous weights; k = 1 is LCM (every x_n jumps to
+τ'_0 = 0). Sampler: DDIM (eta = 0, trailing timesteps) with the student's (x̂0, ε̂); the last step returns x̂0.
+
+Optional terms (weight 0 = off):
+    adversarial (PCM's adversarial consistency loss): fake = pred, real = target, both re-noised from τ'_e to
+        t_adv ~ U[τ'_e, τ'_e + T/k); a head D on the frozen teacher's features (no fake score):
+        student + λ_adv softplus(-D(fake)),  discriminator softplus(D(fake)) + softplus(-D(real))
+    reward (Hyper-SD's human feedback learning): - λ_R reward_fn(x̂0, batch), any differentiable scorer
+    DMD (Hyper-SD's one-step score distillation, in the one-segment stage): λ_DMD L_DM(x) on the one-step sample
+        x = f_θ(z, T-1), with a fake score trained by denoising score matching on sg(x), as DMD2
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import schedule
+from ..config import TSCDConfig
+from ..models.denoiser import CFG, Denoiser
+from . import losses
+from .base import Group, Method, randint, randn
+
+
+# --- the solver and its segments (pure functions) ------------------------------------------------------------
+def solver_timesteps(num_ddim_timesteps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """τ_n = (n + 1) Δ - 1, Δ = T // N (PCM's DDIMSolver): [19, 39, ..., 999] for N = 50."""
+    step = num_train_timesteps // num_ddim_timesteps
+    return torch.arange(1, num_ddim_timesteps + 1) * step - 1
+
+
+def prev_timesteps(num_ddim_timesteps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """τ'_n = [0, τ_0, ..., τ_{N-2}]: where one teacher DDIM step from τ_n lands (= max(τ_n - Δ, 0))."""
+    tau = solver_timesteps(num_ddim_timesteps, num_train_timesteps)
+    return torch.cat([torch.zeros(1, dtype=tau.dtype), tau[:-1]])
+
+
+def segment_edges(num_ddim_timesteps: int, k: int) -> torch.Tensor:
+    """Solver indices of the k segments' lower edges: floor(linspace(0, N, k, endpoint=False)) = j N // k."""
+    if not 1 <= k <= num_ddim_timesteps:
+        raise ValueError(f"segments must be in [1, {num_ddim_timesteps}], got {k}")
+    return torch.arange(k) * num_ddim_timesteps // k
+
+
+def edge_of(n: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """e(n): the largest edge ≤ n, per element."""
+    edges = edges.to(n.device)
+    return edges[torch.searchsorted(edges, n, right=True) - 1]
+
+
+def stage_segments(step: int, segments: list[int], stage_steps: list[int]) -> int:
+    """The number of segments k trained at ``step``: stage i runs for stage_steps[i] steps, the last one on."""
+    end = 0
+    for k, steps in zip(segments, stage_steps):
+        end += steps
+        if step < end:
+            return k
+    return segments[-1]
+
+
+def x0_eps(net: Denoiser, x_t: torch.Tensor, t, cond) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂0, ε̂) from one network call: its native output read both ways (exact for eps, v and x0 prediction)."""
+    t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+    x_t = x_t.float()
+    pred = net.native(x_t, t, cond).float()
+    acp, kind = net.alphas_cumprod, net.prediction_type
+    return schedule.to_x0(pred, x_t, t, acp, kind), schedule.to_eps(pred, x_t, t, acp, kind)
+
+
+class TSCD(Method):
+    """Trajectory-segmented consistency distillation on any denoisers (a UNet LoRA, a full copy, a test MLP).
+
+    Args:
+        student: f_θ, trained; its (x̂0, ε̂) are read from its native output.
+        teacher: the teacher's x0 prediction with CFG included, e.g. ``CFG(teacher, s, null_cond)``.
+        cfg: the TSCD section of the config.
+        sample_shape: shape of one sample (C, H, W) or (D,).
+        student_params: the trainable parameters of the student, by stable name.
+        target: f_θ⁻ as an EMA copy of the student (full fine-tune), updated here at the start of every step with
+            ``cfg.target_ema_decay``; None: the student itself under no_grad (LoRA, as PCM / LCM-LoRA).
+        features: a frozen denoiser whose ``features=True`` output feeds ``head`` (the bare teacher).
+        head: discriminator head for the adversarial term (its own group ``discriminator``).
+        reward_fn: ``reward_fn(x0, batch) -> scalar`` to maximise (higher is better), weighted by ``reward_weight``.
+        fake_score / fake_params: a trainable score of the one-step distribution for the DMD term (group
+            ``fake_score``).
+    """
+
+    name = "tscd"
+    sampler = "ddim"  # for export: DDIMScheduler(timestep_spacing="trailing") reproduces generate()
+
+    def __init__(
+        self,
+        student: Denoiser,
+        teacher: nn.Module,
+        cfg: TSCDConfig,
+        sample_shape: tuple[int, ...],
+        student_params: dict[str, nn.Parameter],
+        target: Denoiser | None = None,
+        features: Denoiser | None = None,
+        head: nn.Module | None = None,
+        reward_fn: Callable | None = None,
+        fake_score: Denoiser | None = None,
+        fake_params: dict[str, nn.Parameter] | None = None,
+        num_train_timesteps: int = 1000,
+    ):
+        super().__init__()
+        if len(cfg.segments) != len(cfg.stage_steps):
+            raise ValueError("tscd.segments and tscd.stage_steps need one entry per stage")
+        if cfg.loss_type not in ("huber", "l2"):
+            raise ValueError(f"tscd.loss_type must be huber or l2, got {cfg.loss_type!r}")
+        if cfg.adversarial_weight and (head is None or features is None):
+            raise ValueError("tscd.adversarial_weight > 0 needs a discriminator head and a feature network")
+        if cfg.reward_weight and reward_fn is None:
+            raise ValueError("tscd.reward_weight > 0 needs a reward_fn")
+        if cfg.dmd_weight and fake_score is None:
+            raise ValueError("tscd.dmd_weight > 0 needs a fake score")
+        self.student, self.teacher, self.target = student, teacher, target
+        self.keep_fp32 = ("target",) if target is not None else ()  # an EMA kept in half precision drifts
+        self.features, self.head, self.reward_fn, self.fake_score = features, head, reward_fn, fake_score
+        self.cfg = cfg
+        self.sample_shape = tuple(sample_shape)
+        self.num_train_timesteps = num_train_timesteps
+        self._student_params = student_params
+        self._fake_params = fake_params or {}
+        self._target_step = 0  # the step the EMA target was last updated for (it starts as a copy)
+        N = cfg.num_ddim_timesteps
+        self.register_buffer("tau", solver_timesteps(N, num_train_timesteps), persistent=False)  # τ_n
+        self.register_buffer("tau_prev", prev_timesteps(N, num_train_timesteps), persistent=False)  # τ'_n
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.student.alphas_cumprod
+
+    @property
+    def generator(self) -> Denoiser:
+        """The student under the name export and the validation code read."""
+        return self.student
+
+    @property
+    def student_timesteps(self) -> list[int]:
+        """Default sampling timesteps: trailing DDIM with as many steps as the final stage has segments."""
+        return schedule.ddim_timesteps(self.cfg.segments[-1], self.num_train_timesteps)
+
+    def groups(self) -> list[Group]:
+        c = self.cfg
+        common = dict(
+            betas=tuple(c.betas),
+            weight_decay=c.weight_decay,
+            warmup_steps=c.warmup_steps,
+            max_grad_norm=c.max_grad_norm,
+        )
+        groups = [Group("student", self._student_params, c.lr, ema_decay=c.ema_decay, **common)]
+        if c.adversarial_weight:
+            head = {f"head.{n}": p for n, p in self.head.named_parameters()}
+            groups.append(Group("discriminator", head, c.discriminator_lr, **common))
+        if c.dmd_weight:
+            groups.append(Group("fake_score", self._fake_params, c.fake_lr, **common))
+        return groups
+
+    # --- the sampler --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, noise, cond, timesteps=None, generator=None):
+        """Deterministic DDIM (eta = 0) with the student: x <- jump to t_{i+1} from f_θ(x, t_i); x̂0 at the end.
+
+        ``timesteps``: a list, a step count (trailing DDIM, e.g. 1, 2, 4, 8) or None (the final stage's count).
+        Equals diffusers' ``DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)``.
+        """
+        if isinstance(timesteps, int):
+            timesteps = schedule.ddim_timesteps(timesteps, self.num_train_timesteps)
+        ts = list(timesteps) if timesteps is not None else self.student_timesteps
+        x = noise
+        for i, t in enumerate(ts):
+            x0, eps = x0_eps(self.student, x, t, cond)
+            t_next = ts[i + 1] if i + 1 < len(ts) else -1  # -1: the clean sample (ᾱ = 1)
+            x = schedule.ddim_step(x0, eps, t_next, self.alphas_cumprod)
+        return x
+
+    # --- consistency distillation inside segments -----------------------------------------------------------------
+    def segments_at(self, step: int) -> int:
+        return stage_segments(step, list(self.cfg.segments), list(self.cfg.stage_steps))
+
+    def _jump(self, x0, eps, e):
+        """DDIM from (x̂0, ε̂) to the edge timestep τ'_e."""
+        return schedule.ddim_step(x0, eps, self.tau_prev[e], self.alphas_cumprod)
+
+    def consistency_pair(self, x0_data, eps, n, cond, k: int):
+        """(pred, target, t_edge) of the segment-consistency loss for solver indices ``n`` and k segments."""
+        acp = self.alphas_cumprod
+        edges = segment_edges(self.cfg.num_ddim_timesteps, k).to(n.device)
+        e = edge_of(n, edges)  # e(n)
+        t_n, t_prev = self.tau[n], self.tau_prev[n]  # τ_n, τ'_n
+        x_n = schedule.add_noise(x0_data.float(), eps, t_n, acp)
+        pred = self._jump(*x0_eps(self.student, x_n, t_n, cond), e)  # online: no boundary scaling
+        with torch.no_grad():
+            x0_t = self.teacher(x_n, t_n, cond).float()  # CFG: uncond + s (cond - uncond)
+            eps_t = schedule.eps_from_x0(x0_t, x_n.float(), t_n, acp)
+            x_prev = schedule.ddim_step(x0_t, eps_t, t_prev, acp)  # one teacher DDIM step to τ'_n
+            target_net = self.student if self.target is None else self.target  # f_θ⁻
+            target = self._jump(*x0_eps(target_net, x_prev, t_prev, cond), e)
+            at_edge = (n == e).view(-1, *[1] * (x_prev.ndim - 1))
+            target = torch.where(at_edge, x_prev, target)  # boundary: c_skip = 1
+        return pred, target, self.tau_prev[e]
+
+    @torch.no_grad()
+    def _update_target(self, step: int) -> None:
+        """f_θ⁻ <- d f_θ⁻ + (1 - d) f_θ once per step (after the previous step's update), full mode only."""
+        if self.target is None or step == self._target_step:
+            return
+        self._target_step = step
+        for p_t, p_s in zip(self.target.parameters(), self.student.parameters()):
+            p_t.copy_(torch.lerp(p_t.float(), p_s.float(), 1 - self.cfg.target_ema_decay))
+
+    def _adversarial_inputs(self, pred, target, t_edge, k, generator):
+        """PCM: re-noise fake (pred) and real (target) from τ'_e to t_adv ~ U[τ'_e, τ'_e + T/k) with one noise."""
+        T = self.num_train_timesteps
+        u = torch.rand(len(t_edge), generator=generator, device=generator.device).to(t_edge.device)
+        t_adv = (t_edge + (u * (T // k)).long()).clamp(max=T - 1)
+        acp = self.alphas_cumprod
+        ratio = acp[t_adv] / acp[t_edge]  # ᾱ(t_adv) / ᾱ(τ'_e): forward noising between two noise levels
+        a = ratio.sqrt().view(-1, *[1] * (pred.ndim - 1))
+        s = (1 - ratio).sqrt().view_as(a)
+        z = randn(pred.shape, generator, pred.device)
+        return a * pred + s * z, a * target + s * z, t_adv
+
+    def _logits(self, x, t, cond):
+        _, feats = self.features(x, t, cond, features=True)
+        return self.head(feats)
+
+    def _one_step_sample(self, cond, n, generator, device):
+        """x = f_θ(z, T - 1): the one-step student sample the DMD term and the fake score see."""
+        z = randn((n, *self.sample_shape), generator, device)
+        return x0_eps(self.student, z, self.num_train_timesteps - 1, cond)[0]
+
+    def loss(self, group, batch, step, generator):
+        cond, real = batch["cond"], batch.get("real")
+        if real is None:
+            raise ValueError(
+                "TSCD trains on real latents (as the PCM / LCM references do): set `dataset=<image folder>`"
+            )
+        c, k = self.cfg, self.segments_at(step)
+        n_samples, device = real.shape[0], real.device
+        if group == "fake_score":  # DMD2's critic: denoising score matching on the one-step samples
+            with torch.no_grad():
+                x = self._one_step_sample(cond, n_samples, generator, device)
+            t = randint(0, self.num_train_timesteps, n_samples, generator, device)
+            eps = randn(x.shape, generator, device)
+            x_t = schedule.add_noise(x, eps, t, self.alphas_cumprod)
+            pred = self.fake_score.native(x_t, t, cond)
+            target = schedule.target_for(self.fake_score.prediction_type, x, eps, t, self.alphas_cumprod)
+            return {"fake_dsm": losses.denoising_loss(pred, target)}
+
+        self._update_target(step)
+        n = randint(0, c.num_ddim_timesteps, n_samples, generator, device)  # n ~ U{0..N-1}
+        eps = randn(real.shape, generator, device)
+        if group == "discriminator":
+            with torch.no_grad():
+                pred, target, t_edge = self.consistency_pair(real, eps, n, cond, k)
+                fake_adv, real_adv, t_adv = self._adversarial_inputs(pred, target, t_edge, k, generator)
+            d_loss = losses.gan_discriminator_loss(
+                self._logits(fake_adv, t_adv, cond), self._logits(real_adv, t_adv, cond)
+            )
+            return {"gan_d": d_loss}
+        if group != "student":
+            raise KeyError(f"TSCD has no parameter group {group!r}")
+
+        pred, target, t_edge = self.consistency_pair(real, eps, n, cond, k)
+        if c.loss_type == "huber":
+            terms = {"cd": losses.pseudo_huber(pred, target, c.huber_c)}
+        else:
+            terms = {"cd": nn.functional.mse_loss(pred.float(), target.float())}
+        if c.adversarial_weight:
+            fake_adv, _, t_adv = self._adversarial_inputs(pred, target, t_edge, k, generator)
+            logits = self._logits(fake_adv, t_adv, cond)
+            terms["gan_g"] = c.adversarial_weight * losses.gan_generator_loss(logits)
+        if c.reward_weight or (c.dmd_weight and k == 1):
+            x = self._one_step_sample(cond, n_samples, generator, device)
+            if c.reward_weight:
+                terms["reward"] = -c.reward_weight * self.reward_fn(x, batch)
+            if c.dmd_weight and k == 1:  # DMD2's distribution-matching gradient on the one-step sample
+                t = randint(c.dmd_min_step, c.dmd_max_step + 1, n_samples, generator, device)
+                x_t = schedule.add_noise(
+                    x.detach(), randn(x.shape, generator, device), t, self.alphas_cumprod
+                )
+                with torch.no_grad():
+                    x0_real, x0_fake = self.teacher(x_t, t, cond), self.fake_score(x_t, t, cond)
+                terms["dmd"] = c.dmd_weight * losses.dmd_loss(x, x0_real, x0_fake)
+        return terms
+
+    # --- the EMA target in checkpoints (proposed Method hook, see the trainer) ------------------------------------
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Method state outside the parameter groups that a resumed run needs: the EMA target (full mode)."""
+        if self.target is None:
+            return {}
+        out = {f"target.{n}": p.detach().float().cpu() for n, p in self.target.named_parameters()}
+        out["target_step"] = torch.tensor(self._target_step)
+        return out
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.target is None:
+            return
+        with torch.no_grad():
+            for n, p in self.target.named_parameters():
+                p.copy_(tensors[f"target.{n}"].to(p.device, p.dtype))
+        self._target_step = int(tensors["target_step"])
+
+    # --- construction from a diffusers teacher --------------------------------------------------------------------
+    @classmethod
+    def from_teacher(cls, teacher, cfg: TSCDConfig, latent_shape, reward_fn: Callable | None = None) -> TSCD:
+        """LoRA (default): adapter ``student`` on the teacher UNet, adapters disabled = the teacher, one UNet.
+
+        Full: a trainable copy plus a frozen EMA target copy (three UNets). With ``dmd_weight`` the fake score is
+        adapter ``fake`` (LoRA) or a further copy (full); with ``adversarial_weight`` a DMD2-style head reads the
+        bare teacher's mid-block features.
+        """
+        from ..models.heads import DiscriminatorHead
+        from ..models.lora import add_adapter, named_adapter_parameters
+
+        if cfg.student not in ("lora", "full"):
+            raise ValueError(f"tscd.student must be 'lora' or 'full', got {cfg.student!r}")
+        base = teacher.unet
+
+        def make(adapter: str):
+            if cfg.student == "full":
+                unet = copy.deepcopy(base).float().requires_grad_(True)
+                return teacher.denoiser(unet), dict(unet.named_parameters())
+            add_adapter(base, adapter, cfg.lora_rank, cfg.lora_alpha)
+            return teacher.denoiser(base, adapter=adapter), named_adapter_parameters(base, adapter)
+
+        bare = teacher.denoiser(base, adapter=None)  # adapters disabled = the teacher
+        student, student_params = make("student")
+        target = None
+        if cfg.student == "full":
+            target = teacher.denoiser(copy.deepcopy(student.unet).requires_grad_(False))
+        fake, fake_params = make("fake") if cfg.dmd_weight else (None, None)
+        head = None
+        if cfg.adversarial_weight:
+            mid_side = latent_shape[-1] // 2 ** (len(base.config.block_out_channels) - 1)
+            head = DiscriminatorHead(base.config.block_out_channels[-1], mid_side)
+        return cls(
+            student,
+            CFG(bare, cfg.guidance_scale, teacher.null_cond),
+            cfg,
+            latent_shape,
+            student_params,
+            target=target,
+            features=bare if head is not None else None,
+            head=head,
+            reward_fn=reward_fn,
+            fake_score=fake,
+            fake_params=fake_params,
+        )
