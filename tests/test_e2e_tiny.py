@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastdiff.config import load_config
+from fastdiff.schedule import ddim_timesteps
 from fastdiff.run import load_checkpoint_method, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,6 +211,9 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
         [
             f"teacher={tiny_teachers[family]}",
             "max_steps=3",
+            *(
+                ["dataset=builtin:digits"] if "tscd" in recipe.read_text() else []
+            ),  # TSCD trains on real images
             f"output_dir={tmp_path}",
             "train_batch_size=1",
             "checkpointing_steps=3",
@@ -218,9 +222,63 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
     )
     train(cfg)
     recipe_out = json.loads((tmp_path / "fastdiff.json").read_text())
-    assert recipe_out["timesteps"] == list(cfg.dmd2.student_timesteps) and recipe_out["timesteps_derivable"]
+    method_cfg = getattr(cfg, cfg.method)
+    expected = (
+        method_cfg.student_timesteps if cfg.method == "dmd2" else ddim_timesteps(method_cfg.segments[-1])
+    )
+    assert recipe_out["timesteps"] == list(expected) and recipe_out["timesteps_derivable"]
     # The export's self-check compares fastdiff's sampler with the exported pipeline. These recipes train in bf16,
     # which rounds the frozen teacher weights held in memory, while the export rebuilds from the fp32 teacher folder:
     # through four steps of a random tiny UNet that is about 0.1; a wrong scheduler differs by O(1). (fp32 runs
     # agree to 1e-4: test_launch_checkpoint_resume_export_and_plain_diffusers_load.)
     assert recipe_out["check"]["max_abs_diff_latents"] < (0.25 if cfg.mixed_precision == "bf16" else 1e-3)
+
+
+def test_tscd_lora_runs_at_1_2_4_8_steps_with_the_recorded_schedulers(
+    tiny_teachers, tmp_path, monkeypatch, one_thread
+):
+    from diffusers import DDIMScheduler, DiffusionPipeline, TCDScheduler
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    cfg = load_config(
+        REPO / "assets/configs/digits_tscd.yaml",
+        [
+            f"teacher={tiny_teachers['sdxl']}",
+            f"output_dir={out}",
+            "max_steps=4",
+            "train_batch_size=2",
+            "tscd.stage_steps=[1,1,1,1]",
+            "checkpointing_steps=4",
+            "validation_steps=4",
+        ],
+    )
+    train(cfg)
+    recipe = json.loads((out / "fastdiff.json").read_text())
+    assert recipe["sampler"] == "ddim" and set(recipe["recipes"]) == {"1", "2", "4", "8"}
+    method, teacher, _ = load_checkpoint_method(out / "checkpoints/checkpoint-4")
+    pipe = DiffusionPipeline.from_pretrained(tiny_teachers["sdxl"])
+    pipe.load_lora_weights(out / "lora")
+    cond = teacher.encode([PROMPT])
+    for steps, r in recipe["recipes"].items():
+        cls = {"DDIMScheduler": DDIMScheduler, "TCDScheduler": TCDScheduler}[r["scheduler"]]
+        extra = {"timestep_spacing": r["timestep_spacing"]} if "timestep_spacing" in r else {}
+        pipe.scheduler = cls.from_config(
+            pipe.scheduler.config, set_alpha_to_one=True, clip_sample=False, **extra
+        )
+        kw = {"eta": r["eta"]} if "eta" in r else {}
+        latents = pipe(
+            PROMPT,
+            num_inference_steps=int(steps),
+            guidance_scale=0.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        ).images
+        noise = torch.randn((1, *teacher.latent_shape()), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ours = method.generate(noise, cond, timesteps=int(steps))
+        # TCD's last step lands on t=0 (alpha-bar 0.99915), not on the clean sample: a ~3% blend with the noise
+        # estimate; DDIM with set_alpha_to_one ends on the x0 prediction exactly as fastdiff's sampler does
+        atol = 0.05 if r["scheduler"] == "TCDScheduler" else 1e-4
+        torch.testing.assert_close(latents, ours, atol=atol, rtol=0, msg=lambda m, s=steps: f"{s} steps: {m}")
