@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from fastdiff.config import load_config
-from fastdiff.schedule import ddim_timesteps
 from fastdiff.run import load_checkpoint_method, train
+from fastdiff.schedule import ddim_timesteps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "assets/configs/tiny_sdxl_dmd2.yaml"
