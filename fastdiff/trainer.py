@@ -140,6 +140,7 @@ class Trainer:
         self._set_trainable(None)
 
     def _make_ema(self, g: Group):
+        """diffusers' EMAModel; note its warm-up caps the decay at (1 + n) / (10 + n) after n updates."""
         if not g.ema_decay:
             return None
         from diffusers.training_utils import EMAModel
@@ -163,9 +164,10 @@ class Trainer:
                 self.load_checkpoint(path)
             else:
                 logger.info("resume_from_checkpoint=latest: no checkpoint yet, starting from scratch")
-        bar = tqdm(
-            total=cfg.max_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process
-        )
+        quiet = (
+            {} if acc.is_local_main_process else {"disable": True}
+        )  # leave TQDM_DISABLE in charge on rank 0
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", **quiet)
         while self.step < cfg.max_steps:
             for gi, group in enumerate(self.groups):
                 if self.step % group.interval == 0:
