@@ -24,3 +24,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state: no test depends on the order or luck of others."""
+    torch.manual_seed(0)
+    yield
