@@ -161,30 +161,37 @@ def _parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:
-    """Load a recipe and apply ``key=value`` overrides (dotted keys reach sections: ``dmd2.generator_lr=1e-5``)."""
-    schema = OmegaConf.structured(TrainConfig)
+def merge_layers(schema: type, path: str | Path | None, overrides: list[str] | tuple):
+    """YAML file + ``key=value`` overrides merged onto the dataclass ``schema``, unknown keys refused."""
     layers = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         data = _yaml(path.read_text()) or {}
-        _check_keys(data, TrainConfig, str(path))
+        _check_keys(data, schema, str(path))
         layers.append(data)
     over = _parse_overrides(list(overrides))
-    _check_keys(over, TrainConfig, "command-line overrides")
+    _check_keys(over, schema, "command-line overrides")
     layers.append(over)
     try:
-        merged = OmegaConf.merge(schema, *layers)
-        cfg = OmegaConf.to_object(merged)
+        return OmegaConf.merge(OmegaConf.structured(schema), *layers)
     except Exception as e:  # type errors from OmegaConf: say which key
         raise ConfigError(f"bad config value: {e}") from None
-    if cfg.teacher in ("???", None, ""):
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:
+    """Load a recipe and apply ``key=value`` overrides (dotted keys reach sections: ``dmd2.generator_lr=1e-5``)."""
+    merged = merge_layers(TrainConfig, path, overrides)
+    teacher = None if OmegaConf.is_missing(merged, "teacher") else merged.teacher
+    if teacher in (None, "", "???"):
         raise ConfigError(
             "no teacher given: set `teacher=<local diffusers folder>` in the config or on the command line"
         )
-    return cfg
+    try:
+        return OmegaConf.to_object(merged)
+    except Exception as e:
+        raise ConfigError(f"bad config value: {e}") from None
 
 
 def to_dict(cfg: TrainConfig) -> dict:

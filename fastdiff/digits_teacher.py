@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from .config import ConfigError, _check_keys, _parse_overrides, _yaml
+from .config import ConfigError, merge_layers
 from .eval.digits import NAMES, TEMPLATES, load_split, prompt_for
 from .schedule import add_noise, snr
 
@@ -126,19 +126,9 @@ def load_teacher_config(path: str | Path | None = None, overrides: list[str] | t
         path: YAML file (None: the defaults).
         overrides: dotted ``key=value`` strings, values typed as YAML reads them.
     """
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = _yaml(path.read_text()) or {}
-        _check_keys(data, TeacherConfig, str(path))
-        layers.append(data)
-    over = _parse_overrides(list(overrides))
-    _check_keys(over, TeacherConfig, "command-line overrides")
-    layers.append(over)
+    merged = merge_layers(TeacherConfig, path, overrides)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TeacherConfig), *layers))
+        return OmegaConf.to_object(merged)
     except Exception as e:
         raise ConfigError(f"bad config value: {e}") from None
 

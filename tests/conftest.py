@@ -18,12 +18,19 @@ def tiny_teachers(tmp_path_factory):
     return {fam: str(save_tiny(fam, root / fam)) for fam in ("sdxl", "sd15")}
 
 
-@pytest.fixture
-def one_thread():
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny convs run far faster on one thread than on two contended ones (a shared 2-core machine)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """Kept for tests that name it; the whole session already runs on one thread."""
+    yield
 
 
 @pytest.fixture(autouse=True)

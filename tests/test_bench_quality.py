@@ -10,11 +10,6 @@ from fastdiff.teacher import TeacherError
 KEYS = {"system", "method", "steps", "nfe", "fd_digits", "prompt_accuracy", "latency_ms", "train_seconds"}
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
-
-
 def test_bench_json_rows_and_files(tiny_teachers, tmp_path):
     systems = bench_quality.teacher_systems(tiny_teachers["sdxl"], 2.0, steps=(1, 2))
     rows = bench_quality.run(systems, tmp_path, n=20, batch=10)

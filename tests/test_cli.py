@@ -3,17 +3,8 @@
 import json
 
 import pytest
-import torch
 
 from fastdiff.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_tiny_sd15_loads_in_plain_diffusers(tmp_path, capsys):

@@ -4,7 +4,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastdiff.config import ConfigError, DMD2Config, TrainConfig, from_dict, load_config, to_dict
 from fastdiff.methods import METHODS
@@ -15,14 +14,6 @@ RECIPES = sorted(
 )  # distillation recipes; teacher_*.yaml: tests/test_digits_teacher.py
 TOP_KEYS = sorted(f.name for f in dataclasses.fields(TrainConfig))
 DMD2_KEYS = sorted(f.name for f in dataclasses.fields(DMD2Config))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:

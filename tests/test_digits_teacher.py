@@ -52,14 +52,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_recipe_loads_and_unknown_keys_are_errors():
     cfg = load_teacher_config(RECIPE)
     assert cfg.unet.steps > 0 and cfg.text.hidden_size == 64 and 1.0 <= cfg.guidance_scale <= 2.0

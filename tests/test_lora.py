@@ -22,15 +22,6 @@ from fastdiff.models.lora import (
 from fastdiff.models.tiny import TEXT_HIDDEN, tiny_pipeline, tiny_unet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs run ~100x faster on one thread than on two contended ones (a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(family, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 8, 8, generator=g)

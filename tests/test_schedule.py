@@ -16,14 +16,6 @@ from fastdiff.export import derive_scheduler, image_grid, pipeline_kwargs
 BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def acp():
     return DDPMScheduler(**BETAS).alphas_cumprod.float().clone()

@@ -11,14 +11,6 @@ from fastdiff.models.tiny import TEXT_HIDDEN, save_tiny
 from fastdiff.teacher import Teacher, TeacherError, check_pipeline_folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def folders(_one_thread, tmp_path_factory):
     """Tiny random-init teacher folders, built once for this module."""

@@ -13,11 +13,6 @@ from fastdiff.models.gmm import GMM, GMMDenoiser, MLPDenoiser, scaled_linear_alp
 from fastdiff.trainer import NonFiniteLossError, Trainer, find_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
-
-
 def make_method(seed=0):
     torch.manual_seed(seed)
     acp = scaled_linear_alphas_cumprod()

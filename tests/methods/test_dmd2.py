@@ -11,11 +11,6 @@ from fastdiff.models.denoiser import CFG, Denoiser
 from fastdiff.models.gmm import scaled_linear_alphas_cumprod
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    yield
-
-
 def test_dmd_gradient_is_normalised_difference_of_scores():
     x = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
     real = torch.tensor(
