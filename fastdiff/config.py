@@ -86,7 +86,8 @@ class TSCDConfig:
     ema_decay: float | None = None  # the trainer's EMA of the student weights, for export
     adversarial_weight: float = 0.0  # PCM uses 0.1 when on
     discriminator_lr: float = 1e-5
-    reward_weight: float = 0.0  # needs a reward_fn
+    reward_weight: float = 0.0  # λ_R of the reward term on the one-step sample
+    reward_model: str = "auto"  # digits | DigitClassifier folder | local CLIP folder | auto (digits teacher)
     dmd_weight: float = 0.0  # DMD term in the one-segment stage; needs a fake score
     fake_lr: float = 1e-5
     dmd_min_step: int = 20

@@ -23,7 +23,12 @@ def build_method(cfg, teacher, latent_shape, with_real_data: bool) -> Method:
 
         if not with_real_data:
             raise ValueError("tscd trains on real latents (as PCM/LCM do): set dataset=<image folder>")
-        return TSCD.from_teacher(teacher, cfg.tscd, latent_shape)
+        reward_fn = None
+        if cfg.tscd.reward_weight:
+            from ..rewards import build_reward
+
+            reward_fn = build_reward(cfg.tscd.reward_model, teacher)
+        return TSCD.from_teacher(teacher, cfg.tscd, latent_shape, reward_fn)
     raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
 
 
