@@ -1,4 +1,4 @@
-"""``fastdiff train | export | generate | tiny``."""
+"""``fastdiff train | export | generate | bench | demo | serve | agd-trajectories | tiny``."""
 
 from __future__ import annotations
 
@@ -22,16 +22,22 @@ def _export(args) -> None:
 
 def _generate(args) -> None:
     import torch
-    from diffusers import DiffusionPipeline
 
-    from .export import pipeline_kwargs, read_recipe
+    from .export import load_pipeline, pipeline_kwargs, read_recipe
 
     folder = Path(args.export_dir)
     recipe = read_recipe(folder)
-    pipe = DiffusionPipeline.from_pretrained(folder / "pipeline", use_safetensors=True)
+    pipe = load_pipeline(folder / "pipeline", use_safetensors=True)
     kwargs = pipeline_kwargs(recipe)
+    any_steps = recipe["method"] == "agd"  # adapter guidance works with any scheduler and step count
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
     if args.steps is not None and args.steps != recipe["num_inference_steps"]:
-        if recipe["scheduler"] != "LCMScheduler" or not recipe.get("timesteps_derivable", True):
+        if not any_steps and (
+            recipe["scheduler"] != "LCMScheduler" or not recipe.get("timesteps_derivable", True)
+        ):
             raise ValueError(
                 f"this export was trained for {recipe['num_inference_steps']} step(s) at timesteps {recipe['timesteps']}; "
                 "--steps can change the step count only of LCM-scheduled exports"
@@ -52,6 +58,11 @@ def _generate(args) -> None:
 
 
 def _bench(args) -> None:
+    if args.kind == "serve":
+        from .eval.bench_serve import run as run_serve
+
+        run_serve(args.out or "bench-serve", duration=args.duration)
+        return
     if args.kind == "speed":
         from .eval.bench_speed import run
 
@@ -69,7 +80,15 @@ def _bench(args) -> None:
     w = args.guidance_scale if args.guidance_scale is not None else teacher_guidance(Path(teacher))
     steps = [int(s) for s in args.teacher_steps.split(",") if s]
     systems = bench_quality.teacher_systems(teacher, w, steps)
-    systems += [bench_quality.export_system(e) for e in args.export]
+    if args.export_steps:  # every export at each step count, rows named by folder
+        counts = [int(x) for x in args.export_steps.split(",")]
+        systems += [
+            bench_quality.export_system(e, name=f"{Path(e).name}-{k}", steps=k)
+            for e in args.export
+            for k in counts
+        ]
+    else:
+        systems += [bench_quality.export_system(e) for e in args.export]
     bench_quality.run(systems, args.out or "bench", n=args.n, batch=args.batch)
 
 
@@ -77,6 +96,21 @@ def _demo(args) -> None:
     from .demo import demo
 
     demo(args.output_dir, method=args.method, n=args.n, overrides=args.overrides)
+
+
+def _serve(args) -> None:
+    from .serve.app import ServeConfig, serve
+
+    fields = ServeConfig.__dataclass_fields__
+    serve(ServeConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
+
+
+def _agd_trajectories(args) -> None:
+    from .config import load_config
+    from .run import agd_trajectories
+
+    store = agd_trajectories(load_config(args.config, ["method=agd", *args.overrides]))
+    print(f"{store.folder}: {store.plan['num_trajectories']} trajectories, {store.num_records} records")
 
 
 def _tiny(args) -> None:
@@ -109,12 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--steps", type=int, help="override the recorded step count")
+    p.add_argument("--guidance-scale", type=float, help="override the recorded guidance scale (AGD: any w)")
+    p.add_argument("--negative-prompt", help="negative prompt (AGD exports: it conditions the adapters)")
     p.set_defaults(fn=_generate)
 
     p = sub.add_parser("bench", help="benchmarks: speed | quality")
-    p.add_argument("kind", choices=["speed", "quality"])
+    p.add_argument("kind", choices=["speed", "quality", "serve"])
     p.add_argument("--out", help="speed: a JSON file; quality: a folder (bench.json, bench.md, grids/)")
     p.add_argument("--iters", type=int, default=5, help="speed: timed iterations")
+    p.add_argument("--duration", type=float, default=9.0, help="serve: seconds of load per table cell")
     p.add_argument("--teacher", help="quality: teacher pipeline folder (default: the bundled digits teacher)")
     p.add_argument(
         "--guidance-scale", type=float, help="quality: the teacher's CFG (default: its recommended)"
@@ -122,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-steps", default="1,2,4,8,25", help="quality: teacher rows (DDIM, trailing)")
     p.add_argument(
         "--export", action="append", default=[], help="quality: a fastdiff export folder (repeatable)"
+    )
+    p.add_argument(
+        "--export-steps",
+        help="quality: comma list of step counts to run each export at (default: its recipe's)",
     )
     p.add_argument("--n", type=int, default=1000, help="quality: images per system")
     p.add_argument("--batch", type=int, default=100)
@@ -136,6 +177,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=500, help="images per system in the benchmark")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("serve", help="serve a base pipeline with LoRA adapters over HTTP (extra: serve)")
+    p.add_argument("--base", required=True, help="local diffusers pipeline folder (SD1.5 / SDXL)")
+    p.add_argument("--adapters", required=True, help="folder of *.safetensors LoRAs and fastdiff exports")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="bearer token for all but /healthz (or $FASTDIFF_SERVE_TOKEN)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda")
+    p.add_argument("--cache-size", type=int, help="adapters kept loaded, LRU (default 8)")
+    p.add_argument("--max-batch-images", type=int, help="images per batch; 1: no batching (default 8)")
+    p.add_argument("--batch-window-ms", type=float, help="batch wait for requests (default 10)")
+    p.add_argument(
+        "--no-mix-adapters",
+        dest="mix_adapters",
+        action="store_false",
+        default=None,
+        help="batch only requests with the same adapters (default: one-adapter requests share batches)",
+    )
+    p.add_argument("--max-queue", type=int, help="requests waiting before 503 (default 64)")
+    p.add_argument("--default-steps", type=int, help="steps without a fastdiff export adapter (default 25)")
+    p.add_argument("--default-guidance-scale", type=float, help="CFG without an export adapter (default 5)")
+    p.add_argument("--max-steps", type=int, help="limit (default 50)")
+    p.add_argument("--max-n", type=int, help="limit on images per request (default 4)")
+    p.add_argument("--max-size", type=int, help="limit on each side in pixels (default 1024)")
+    p.add_argument("--max-prompt-chars", type=int, help="limit (default 2000)")
+    p.add_argument("--max-body-bytes", type=int, help="limit on a request body (default 1 MiB)")
+    p.add_argument("--max-adapter-bytes", type=int, help="limit on an adapter file (default 2 GiB)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(fn=_serve)
+
+    p = sub.add_parser(
+        "agd-trajectories",
+        help="AGD stage 1: sample the teacher's CFG trajectories into shards (resumable; train runs it too)",
+    )
+    p.add_argument("--config", help="recipe YAML (e.g. assets/configs/sdxl_agd.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (agd.trajectories=<folder>, ...)")
+    p.set_defaults(fn=_agd_trajectories)
 
     p = sub.add_parser("tiny", help="write a tiny random-init pipeline (offline tests, examples)")
     p.add_argument("--family", choices=["sd15", "sdxl"], default="sdxl")

@@ -95,6 +95,78 @@ class TSCDConfig:
 
 
 @dataclass
+class SiDConfig:
+    """SiD, score identity distillation (Zhou et al. 2024), with SiD-LSG guidance (Zhou et al. 2025) and the
+    few-step uniform mixture, Zero-CFG and Anti-CFG (Zhou, Gu, Wang 2025); defaults: the SiD-LSG SD1.5 reference."""
+
+    alpha: float = 1.0  # α in (y_r - y_f)·[(y_r - x) - α (y_r - y_f)]; 1.2 is the SiD paper's other setting
+    guidance: str = "lsg"  # cfg | lsg | zero_cfg | anti_cfg
+    guidance_scale: float = 1.5  # cfg: teacher CFG; lsg: κ1..κ4 (1.5 best FID); not used by zero/anti_cfg
+    lsg_scales: list[float] | None = None  # lsg: explicit [κ1, κ2, κ3, κ4] instead of guidance_scale
+    anti_cfg_scale: float = -0.5  # anti_cfg: λ in (-1, 0); the fake score is f(c) + λ (f(c) - f(∅))
+    prompt_dropout: float = 0.1  # lsg / anti_cfg: empty-prompt rate while training the fake score
+    weighting: str = "mean_abs"  # mean_abs: 1 / mean|x - y_r| per sample (reference) | snr: sqrt(1 + SNR(t))
+    num_steps: int = 1  # K: the generator learns the uniform mixture of its 1..K-step outputs
+    init_timestep: int = 625  # t of the first generator step (input: pure noise); few-step: 999
+    min_step: int = 20  # t ~ U[min_step, max_step) for the generator and fake-score losses
+    max_step: int = 980
+    generator: str = "full"  # full | lora
+    fake_score: str = "full"  # full | lora
+    shared_base: bool = False  # generator and fake score as two adapters on the one frozen teacher UNet
+    lora_rank: int = 64
+    lora_alpha: int = 8
+    generator_lr: float = 1.0e-6
+    fake_lr: float = 1.0e-6
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam, as the reference
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None  # the reference clips only in fp16
+    gan: str = "auto"  # auto (on when a dataset of real images is given) | on | off
+    gan_generator_weight: float = 5e-3  # λ_G (DMD2's SDXL weights; the head is DMD2's)
+    gan_critic_weight: float = 1e-2
+    ema_decay: float | None = None
+
+
+@dataclass
+class AGDConfig:
+    """AGD, adapter guidance distillation (Jensen & Sadat 2025); defaults: the card and the reference
+    (cristianpjensen/agd): w ~ U[1, 12], AdamW lr 1e-4, cosine with 10% warm-up, 5k steps."""
+
+    # trajectories: the teacher with CFG w on a diffusers scheduler, every step stored (fastdiff.trajectories)
+    trajectories: str | None = None  # shard folder; default <output_dir>/trajectories
+    w_min: float = 1.0  # w ~ U[w_min, w_max] per trajectory
+    w_max: float = 12.0
+    num_trajectories: int | None = None  # default: one per prompt
+    num_inference_steps: int = 50  # teacher steps per trajectory (reference: ~1000); also the export's
+    scheduler: str | None = None  # diffusers scheduler class; default: the teacher's own
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {timestep_spacing: trailing}
+    negative_prompt_prob: float = 0.0  # chance that a trajectory's CFG guides away from a negative prompt
+    negative_prompts: str | None = None  # .txt/.jsonl of negative prompts; default: other training prompts
+    shard_size: int = 64  # trajectories per safetensors shard
+    trajectory_batch_size: int = 8  # trajectories sampled together
+    trajectory_dtype: str = "float16"  # float32 | float16 | bfloat16 (stored x_t and targets)
+    # adapters (fastdiff.models.adapters)
+    hidden_dim: int = 320
+    num_heads: int = 1
+    mlp_ratio: float = 1.0
+    use_timestep: bool = True
+    use_prompt: bool = True
+    use_negative_prompt: bool = True
+    gate_by_w: bool = True  # residuals scaled by (w - 1): w = 1 is exactly the conditional model
+    adapter_seed: int = 0  # seed of the fixed Fourier features
+    # training
+    lr: float = 1.0e-4
+    lr_schedule: str = "cosine"  # cosine | constant (after the warm-up)
+    warmup_steps: int = 500
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    ema_decay: float | None = None
+    # export: the recipe recorded in fastdiff.json (any w in [w_min, w_max] and any scheduler work)
+    guidance_scale: float = 5.0  # recommended w (SDXL 5-8, SD1.5 7.5, tiny teachers 1-2)
+
+
+@dataclass
 class TrainConfig:
     """Everything one distillation run needs."""
 
@@ -127,6 +199,8 @@ class TrainConfig:
     lora_scale: float = 1.0  # recommended LoRA scale written to fastdiff.json
     dmd2: DMD2Config = field(default_factory=DMD2Config)
     tscd: TSCDConfig = field(default_factory=TSCDConfig)
+    agd: AGDConfig = field(default_factory=AGDConfig)
+    sid: SiDConfig = field(default_factory=SiDConfig)
 
 
 def _check_keys(data: Any, schema: type, where: str, path: str = "") -> None:

@@ -27,15 +27,18 @@ logger = logging.getLogger("fastdiff")
 RECIPE_FILE = "fastdiff.json"
 
 
-def derive_scheduler(scheduler_config: dict, timesteps: list[int], sampler: str = "lcm"):
+def derive_scheduler(scheduler_config: dict, timesteps: list[int], sampler: str = "lcm", also=()):
     """A diffusers scheduler whose ``set_timesteps(len(timesteps))`` gives ``timesteps``; (scheduler, derivable).
 
     ``sampler`` is how the student samples: "lcm" (x0, then fresh noise to the next timestep: DMD2) or "ddim"
-    (deterministic DDIM between trailing timesteps: consistency students such as TSCD).
+    (deterministic DDIM between trailing timesteps: consistency students such as TSCD). ``also``: more timestep
+    lists the same scheduler must derive from their lengths (a student trained at several step counts, as few-step
+    SiD: LCMScheduler(original_inference_steps=T) gives T-1 - floor(T i / k) at every k).
     """
     from diffusers import DDIMScheduler, LCMScheduler
 
     n = len(timesteps)
+    wanted = [list(timesteps), *(list(ts) for ts in also)]
     if sampler == "ddim":
         sched = DDIMScheduler.from_config(
             scheduler_config,
@@ -58,9 +61,19 @@ def derive_scheduler(scheduler_config: dict, timesteps: list[int], sampler: str 
                 thresholding=False,
             )
         )
+    candidates.append(
+        LCMScheduler.from_config(
+            scheduler_config, original_inference_steps=scheduler_config.get("num_train_timesteps", 1000)
+        )
+    )
+
+    def derives(sched, ts) -> bool:
+        sched.set_timesteps(len(ts))
+        return sched.timesteps.tolist() == ts
+
     for sched in candidates:
-        sched.set_timesteps(n)
-        if sched.timesteps.tolist() == list(timesteps):
+        if all(derives(sched, ts) for ts in wanted):
+            sched.set_timesteps(n)
             return sched, True
     return candidates[0], False
 
@@ -82,6 +95,31 @@ def read_recipe(folder: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a fastdiff export: {RECIPE_FILE} is missing")
     return json.loads(path.read_text())
+
+
+def load_pipeline(folder: str | Path, **kwargs):
+    """A saved pipeline folder: a standard diffusers pipeline, or one of fastdiff's custom pipelines (an export
+    whose model_index.json names a file of ``pipelines/``), loaded with fastdiff's own copy of that class so that
+    no code from the folder runs."""
+    import importlib
+
+    from diffusers import DiffusionPipeline
+
+    from .teacher import check_pipeline_folder
+
+    index = Path(folder) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if isinstance(name, list):
+        try:
+            module = importlib.import_module(f"pipelines.{name[0]}") if name[0].isidentifier() else None
+        except ImportError:
+            module = None
+        if getattr(module, name[1], None) is None:
+            raise ValueError(f"{folder} needs the pipeline {name[1]} from {name[0]}.py, unknown to fastdiff")
+        cls = getattr(module, name[1])
+        return cls.from_pretrained(folder, **kwargs)
+    check_pipeline_folder(folder)
+    return DiffusionPipeline.from_pretrained(folder, **kwargs)
 
 
 def pipeline_kwargs(recipe: dict) -> dict:
@@ -112,6 +150,10 @@ def export(
         prompts: prompts of the model card's sample grid.
         train_seconds: wall time of the training run, recorded in fastdiff.json.
     """
+    if getattr(method, "name", None) == "agd":  # adapters on the frozen teacher: an adapter-guidance pipeline
+        from .export_agd import export_agd
+
+        return export_agd(method, teacher, config, out_dir, prompts, train_seconds)
     from diffusers import DiffusionPipeline
 
     from .models.lora import save_lora
@@ -136,7 +178,10 @@ def export(
     else:
         pipe.unet.load_state_dict({k: v.float() for k, v in gen.unet.state_dict().items()})
     sampler = getattr(method, "sampler", "lcm")
-    scheduler, derivable = derive_scheduler(dict(pipe.scheduler.config), timesteps, sampler)
+    by_steps = getattr(method, "timesteps_by_steps", None) or {}  # a student trained at several step counts
+    scheduler, derivable = derive_scheduler(
+        dict(pipe.scheduler.config), timesteps, sampler, by_steps.values()
+    )
     pipe.scheduler = scheduler
     shutil.rmtree(out / "pipeline", ignore_errors=True)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
@@ -166,6 +211,17 @@ def export(
             }
             for k in (1, 2, 4, 8)
         }
+    if len(by_steps) > 1:  # one generator for every k <= K (few-step SiD's uniform mixture)
+        recipe["recipes"] = {
+            str(k): {
+                "num_inference_steps": k,
+                "guidance_scale": 0.0,
+                "scheduler": type(scheduler).__name__,
+                "timesteps": list(ts),
+                "timesteps_derivable": derivable,
+            }
+            for k, ts in by_steps.items()
+        }
     if not derivable:
         logger.warning(
             "timesteps %s cannot be derived by a scheduler config: pass timesteps= explicitly", timesteps
@@ -182,16 +238,28 @@ def _self_check(method, teacher, pipe, recipe) -> dict:
     """Run the exported pipeline and fastdiff's own sampler on the same noise; record the largest difference."""
     prompt = "a photo of a cat"
     gen = torch.Generator().manual_seed(0)
-    latents = pipe(prompt, **pipeline_kwargs(recipe), generator=gen, output_type="latent").images
-    gen = torch.Generator().manual_seed(0)
-    device = teacher.device
-    shape = (1, *latents.shape[1:])
-    noise = torch.randn(shape, generator=gen).to(device)
-    ours = method.generate(noise, teacher.encode([prompt]), generator=gen)
-    diff = float((ours.float().cpu() - latents.float().cpu()).abs().max())
-    if diff > 1e-3:
-        logger.warning("exported pipeline differs from fastdiff's sampler by %.3g (max abs, latents)", diff)
-    return {"prompt": prompt, "seed": 0, "max_abs_diff_latents": diff}
+    kwargs = {"": pipeline_kwargs(recipe)}
+    kwargs.update({k: pipeline_kwargs(r) for k, r in recipe.get("recipes", {}).items() if "timesteps" in r})
+    diffs = {}
+    for k, kw in kwargs.items():
+        gen = torch.Generator().manual_seed(0)
+        latents = pipe(prompt, **kw, generator=gen, output_type="latent").images
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn((1, *latents.shape[1:]), generator=gen).to(teacher.device)
+        ours = method.generate(
+            noise, teacher.encode([prompt]), timesteps=int(k) if k else None, generator=gen
+        )
+        diffs[k] = float((ours.float().cpu() - latents.float().cpu()).abs().max())
+        if diffs[k] > 1e-3:
+            logger.warning(
+                "exported pipeline differs from fastdiff's sampler by %.3g (max abs, latents%s)",
+                diffs[k],
+                f", {k} steps" if k else "",
+            )
+    check = {"prompt": prompt, "seed": 0, "max_abs_diff_latents": diffs.pop("")}
+    if diffs:
+        check["max_abs_diff_latents_by_steps"] = diffs
+    return check
 
 
 @torch.no_grad()

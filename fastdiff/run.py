@@ -84,10 +84,19 @@ def train(cfg: TrainConfig) -> Path:
     prompts = load_prompts(cfg.prompts) if cfg.prompts else None
     if dataset is None and prompts is None:
         raise ValueError("no training prompts: set `prompts=<file.txt|.jsonl>` or `dataset=<image folder>`")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.method == "agd":  # stage 1: the teacher's CFG trajectories (resumable), before the adapters attach
+        from .trajectories import prepare, trajectory_batch_fn
+
+        t0 = time.perf_counter()
+        store = prepare(cfg, teacher, resolution, rank, world, accelerator.wait_for_everyone)
+        trajectory_seconds = time.perf_counter() - t0
     method = build_method(cfg, teacher, latent_shape, with_real_data=dataset is not None)
-    batch_fn = make_batch_fn(
-        cfg, teacher, resolution, prompts, dataset, accelerator.process_index, accelerator.num_processes
-    )
+    if cfg.method == "agd":
+        method.trajectory_seconds = trajectory_seconds
+        batch_fn = trajectory_batch_fn(cfg, teacher, store, resolution, rank, world)
+    else:
+        batch_fn = make_batch_fn(cfg, teacher, resolution, prompts, dataset, rank, world)
     validate = make_validate_fn(cfg, method, teacher, resolution, latent_shape, accelerator)
     trainer = Trainer(method, cfg, batch_fn, validate, to_dict(cfg), accelerator)
     t0 = time.perf_counter()
@@ -142,6 +151,17 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, teacher: str 
 
     method, t, cfg = load_checkpoint_method(checkpoint, teacher)
     return export(method, t, to_dict(cfg), out_dir, cfg.lora_scale, prompts=cfg.validation_prompts)
+
+
+def agd_trajectories(cfg: TrainConfig):
+    """AGD stage 1 on its own (``fastdiff agd-trajectories``): generate what is missing of the trajectory folder."""
+    from .teacher import Teacher
+    from .trajectories import prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher = Teacher(cfg.teacher, device=device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
+    return prepare(cfg, teacher, cfg.resolution or teacher.resolution)
 
 
 def parse_train_args(argv=None) -> TrainConfig:

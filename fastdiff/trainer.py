@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -112,8 +113,9 @@ class Trainer:
             warmup = (
                 g.warmup_steps * acc.num_processes
             )  # accelerate steps a prepared scheduler once per process
+            updates = -(-cfg.max_steps // g.interval) * acc.num_processes  # this group's scheduler steps
             sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s, w=warmup: min(1.0, (s + 1) / w) if w else 1.0
+                opt, lambda s, w=warmup, n=updates, kind=g.lr_schedule: lr_factor(s, w, n, kind)
             )
             opt, sched = acc.prepare(opt, sched)
             self.optimizers.append(opt)
@@ -357,6 +359,19 @@ class Trainer:
         for g, e in zip(self.groups, self.emas):
             if e is not None:
                 e.copy_to(list(g.params.values()))
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "constant") -> float:
+    """Learning-rate multiplier after ``step`` scheduler steps: linear warm-up over ``warmup`` steps, then
+    constant or a cosine decay that reaches 0 at ``total``."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected constant or cosine")
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _flat_config(d: dict, prefix: str = "") -> dict:

@@ -197,6 +197,17 @@ def test_real_images_switch_on_gan_and_corrupt_images_are_skipped(
     assert list((tmp_path / "out/logs").rglob("events.out.tfevents.*"))  # the tracker wrote its log
 
 
+def _agd_timesteps(cfg) -> list[int]:
+    """AGD's adapters sit on the teacher: its (configured) scheduler's timesteps at the recorded step count."""
+    from fastdiff.methods.agd import make_scheduler
+    from fastdiff.teacher import Teacher
+
+    teacher = Teacher(cfg.teacher)
+    sched = make_scheduler(teacher.pipeline.scheduler, cfg.agd.scheduler, cfg.agd.scheduler_kwargs)
+    sched.set_timesteps(cfg.agd.num_inference_steps)
+    return [int(t) for t in sched.timesteps.tolist()]
+
+
 RECIPES = sorted(p for p in (REPO / "assets/configs").glob("*.yaml") if not p.name.startswith("teacher_"))
 
 
@@ -214,6 +225,7 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
             *(
                 ["dataset=builtin:digits"] if "tscd" in recipe.read_text() else []
             ),  # TSCD trains on real images
+            *(["agd.num_trajectories=2", "agd.num_inference_steps=3"] if "agd" in recipe.name else []),
             f"output_dir={tmp_path}",
             "train_batch_size=1",
             "checkpointing_steps=3",
@@ -223,9 +235,20 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
     train(cfg)
     recipe_out = json.loads((tmp_path / "fastdiff.json").read_text())
     method_cfg = getattr(cfg, cfg.method)
-    expected = (
-        method_cfg.student_timesteps if cfg.method == "dmd2" else ddim_timesteps(method_cfg.segments[-1])
-    )
+    if cfg.method == "sid":  # one generator for 1..K steps, each on its own grid, derived by one scheduler
+        from fastdiff.methods.sid import step_timesteps
+
+        expected = step_timesteps(method_cfg.num_steps, method_cfg.init_timestep)
+        by_k = recipe_out.get("recipes", {})
+        assert [r["timesteps"] for r in by_k.values()] == [
+            step_timesteps(k, method_cfg.init_timestep) for k in range(1, len(by_k) + 1)
+        ] and len(by_k) in (0, method_cfg.num_steps)
+        tol = 0.25 if cfg.mixed_precision == "bf16" else 1e-3
+        assert all(d < tol for d in recipe_out["check"].get("max_abs_diff_latents_by_steps", {}).values())
+    else:
+        expected = (
+            method_cfg.student_timesteps if cfg.method == "dmd2" else ddim_timesteps(method_cfg.segments[-1])
+        ) if cfg.method != "agd" else _agd_timesteps(cfg)  # fmt: skip
     assert recipe_out["timesteps"] == list(expected) and recipe_out["timesteps_derivable"]
     # The export's self-check compares fastdiff's sampler with the exported pipeline. These recipes train in bf16,
     # which rounds the frozen teacher weights held in memory, while the export rebuilds from the fp32 teacher folder:
@@ -282,3 +305,49 @@ def test_tscd_lora_runs_at_1_2_4_8_steps_with_the_recorded_schedulers(
         # estimate; DDIM with set_alpha_to_one ends on the x0 prediction exactly as fastdiff's sampler does
         atol = 0.05 if r["scheduler"] == "TCDScheduler" else 1e-4
         torch.testing.assert_close(latents, ours, atol=atol, rtol=0, msg=lambda m, s=steps: f"{s} steps: {m}")
+
+
+def test_sid_few_step_launch_and_export_run_at_every_k_in_plain_diffusers(tiny_teachers, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from fastdiff.methods.sid import step_timesteps
+
+    out = tmp_path / "out"
+    launch(
+        [
+            "--config",
+            str(REPO / "assets/configs/sdxl_sid_4step.yaml"),
+            f"teacher={tiny_teachers['sdxl']}",
+            f"output_dir={out}",
+            "max_steps=4",
+            "train_batch_size=2",
+            "mixed_precision=no",
+            "gradient_checkpointing=false",
+            "checkpointing_steps=4",
+            "validation_steps=4",
+            "sid.lora_rank=4",
+            "sid.generator_lr=1e-3",
+            "sid.fake_lr=1e-3",
+        ]
+    )
+    recipe = json.loads((out / "fastdiff.json").read_text())
+    assert recipe["method"] == "sid" and recipe["timesteps_derivable"]
+    assert sorted(recipe["recipes"]) == ["1", "2", "3", "4"]
+    method, teacher, _ = load_checkpoint_method(out / "checkpoints/checkpoint-4")
+    cond = teacher.encode([PROMPT])
+    pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
+    for k in (1, 2, 3, 4):  # one exported pipeline, every step count, timesteps derived from k alone
+        latents = pipe(
+            PROMPT, num_inference_steps=k, guidance_scale=0.0, output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+        assert pipe.scheduler.timesteps.tolist() == step_timesteps(k, 999)
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(latents.shape, generator=gen)
+        with torch.no_grad():
+            ours = method.generate(noise, cond, timesteps=k, generator=gen)
+        torch.testing.assert_close(latents, ours, atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k} steps: {m}")
+    with torch.no_grad():  # the student moved away from the teacher (the comparison is not vacuous)
+        noise = torch.randn((1, *teacher.latent_shape()), generator=torch.Generator().manual_seed(0))
+        teacher_x0 = teacher.denoiser(adapter=None)(noise, 999, cond)
+        assert float((teacher_x0 - method.generator(noise, 999, cond)).abs().max()) > 1e-4

@@ -31,7 +31,8 @@ class System:
     pipeline: str
     steps: int
     guidance_scale: float
-    scheduler: str | None = None  # teacher rows: "ddim" (trailing) or None (the folder's own)
+    # "ddim" (trailing), {"class": name, **config}, or None (the folder's own)
+    scheduler: str | dict | None = None
     extra: dict | None = None
     train_seconds: float | None = None
 
@@ -40,36 +41,54 @@ def teacher_systems(teacher: str, guidance_scale: float, steps=TEACHER_STEPS) ->
     return [System(f"teacher-{s}", "teacher", teacher, s, guidance_scale, scheduler="ddim") for s in steps]
 
 
-def export_system(folder: str, name: str | None = None, steps: int | None = None) -> System:
-    """A row for a fastdiff export (its recorded recipe; ``steps`` may pick another step count)."""
+def export_system(
+    folder: str, name: str | None = None, steps: int | None = None, guidance_scale: float | None = None
+) -> System:
+    """A row for a fastdiff export (its recorded recipe; ``steps`` may pick another step count, and
+    ``guidance_scale`` another w where the export takes any, as AGD's)."""
     recipe = read_recipe(folder)
+    n = steps or recipe["num_inference_steps"]
+    per_step = recipe.get("recipes", {}).get(str(n))  # one LoRA for several step counts: that count's recipe
+    scheduler = None
+    if per_step is not None:
+        options = {k: v for k, v in per_step.items() if k == "timestep_spacing"}
+        scheduler = {"class": per_step["scheduler"], **options}
+        recipe = {**recipe, **per_step}
     kw = pipeline_kwargs(recipe)
-    n = steps or kw.pop("num_inference_steps")
-    kw.pop("num_inference_steps", None)
-    g = kw.pop("guidance_scale")
+    kw.pop("num_inference_steps")
+    if per_step is not None and "eta" in per_step:
+        kw["eta"] = per_step["eta"]
+    g = kw.pop("guidance_scale") if guidance_scale is None else guidance_scale
     return System(
         name or f"{recipe['method']}-{n}",
         recipe["method"],
         str(Path(folder) / "pipeline"),
         n,
         g,
+        scheduler=scheduler,
         extra=kw,
         train_seconds=recipe.get("train_seconds"),
     )
 
 
 def _load(system: System):
-    from diffusers import DDIMScheduler, DiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    from ..teacher import check_pipeline_folder
+    from ..export import load_pipeline
 
-    check_pipeline_folder(system.pipeline)
-    pipe = DiffusionPipeline.from_pretrained(system.pipeline, use_safetensors=True)
+    # a standard pipeline, or a custom one (AGD's adapter guidance) through fastdiff's own class
+    pipe = load_pipeline(system.pipeline, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     if system.scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(
             pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False
         )
+    elif isinstance(system.scheduler, dict):
+        import diffusers
+
+        options = dict(system.scheduler)
+        cls = getattr(diffusers, options.pop("class"))
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
     return pipe
 
 
@@ -100,7 +119,8 @@ def sample(
 
 
 def nfe(system: System) -> int:
-    return system.steps * (2 if system.guidance_scale > 1 else 1)
+    cfg = system.guidance_scale > 1 and system.method != "agd"  # AGD: guidance without a second UNet call
+    return system.steps * (2 if cfg else 1)
 
 
 def run(

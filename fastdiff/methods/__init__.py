@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import Group, Method
 
-METHODS = ("dmd2", "tscd")
+METHODS = ("dmd2", "tscd", "sid", "agd")
 
 
 def build_method(cfg, teacher, latent_shape, with_real_data: bool) -> Method:
@@ -18,6 +18,19 @@ def build_method(cfg, teacher, latent_shape, with_real_data: bool) -> Method:
         if with_gan and not with_real_data:
             raise ValueError("dmd2.gan=on needs real images: set `dataset=<image folder>`")
         return DMD2.from_teacher(teacher, cfg.dmd2, latent_shape, with_gan)
+    if cfg.method == "sid":
+        from .sid import SiD
+
+        with_gan = {"on": True, "off": False, "auto": with_real_data}.get(cfg.sid.gan)
+        if with_gan is None:
+            raise ValueError(f"sid.gan must be auto, on or off, got {cfg.sid.gan!r}")
+        if with_gan and not with_real_data:
+            raise ValueError("sid.gan=on needs real images: set `dataset=<image folder>`")
+        return SiD.from_teacher(teacher, cfg.sid, latent_shape, with_gan, seed=cfg.seed)
+    if cfg.method == "agd":
+        from .agd import AGD
+
+        return AGD.from_teacher(teacher, cfg.agd, latent_shape)
     if cfg.method == "tscd":
         from .tscd import TSCD
 

@@ -26,6 +26,7 @@ class Group:
     warmup_steps: int = 0
     max_grad_norm: float | None = None
     ema_decay: float | None = None
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine (to 0 at max_steps)
     extra: dict = field(default_factory=dict)
 
 

@@ -13,16 +13,13 @@ Critic (fake score + head, every iteration):
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from .. import schedule
 from ..config import DMD2Config
 from ..models.denoiser import CFG, Denoiser
-from ..models.heads import DiscriminatorHead
-from . import losses
+from . import losses, student
 from .base import Group, Method, randint, randn
 
 
@@ -94,8 +91,7 @@ class DMD2(Method):
 
     def _renoise(self, x0, t_next: int | torch.Tensor, generator):
         """Re-noise an x0 to the next student timestep with fresh, independent noise (never the previous ε)."""
-        t = torch.as_tensor(t_next, device=x0.device).expand(x0.shape[0])
-        return schedule.add_noise(x0, randn(x0.shape, generator, x0.device), t, self.alphas_cumprod)
+        return student.renoise(x0, t_next, generator, self.alphas_cumprod)
 
     @torch.no_grad()
     def generate(self, noise, cond, timesteps=None, generator=None):
@@ -103,12 +99,7 @@ class DMD2(Method):
         ts = list(timesteps or self.student_timesteps)
         if generator is None:
             generator = torch.Generator(noise.device).manual_seed(0)
-        x = noise
-        for i, t in enumerate(ts):
-            x0 = self.generator(x, torch.full((x.shape[0],), t, device=x.device), cond)
-            if i + 1 < len(ts):
-                x = self._renoise(x0, ts[i + 1], generator)
-        return x0
+        return student.sample(self.generator, noise, cond, ts, generator, self.alphas_cumprod)
 
     def _student_sample(self, cond, n, generator, device, real=None):
         """One generator output per sample, with gradient through the last step only.
@@ -136,10 +127,7 @@ class DMD2(Method):
     # --- losses -----------------------------------------------------------------------------------------------
     def _logits(self, x, cond, generator):
         """GAN head on the fake score's features of x noised at t ~ U[0, T)."""
-        t = randint(0, self.num_train_timesteps, x.shape[0], generator, x.device)
-        x_t = schedule.add_noise(x, randn(x.shape, generator, x.device), t, self.alphas_cumprod)
-        _, feats = self.fake_score(x_t, t, cond, features=True)
-        return self.head(feats)
+        return student.gan_logits(self.fake_score, self.head, x, cond, generator, self.num_train_timesteps)
 
     def _gan_on(self, batch) -> bool:
         return self.head is not None and batch.get("real") is not None
@@ -183,35 +171,16 @@ class DMD2(Method):
     @classmethod
     def from_teacher(cls, teacher, cfg: DMD2Config, latent_shape, with_gan: bool) -> DMD2:
         """Build generator / fake score as full UNet copies or LoRA adapters (shared-base: both on the teacher UNet)."""
-        from ..models.lora import add_adapter, named_adapter_parameters
+        from ..models.heads import unet_discriminator_head
+        from ..models.lora import student_and_fake
 
-        if cfg.shared_base and (cfg.generator != "lora" or cfg.fake_score != "lora"):
-            raise ValueError("dmd2.shared_base needs dmd2.generator=lora and dmd2.fake_score=lora")
-        for key in ("generator", "fake_score"):
-            if getattr(cfg, key) not in ("lora", "full"):
-                raise ValueError(f"dmd2.{key} must be 'lora' or 'full', got {getattr(cfg, key)!r}")
-        base = teacher.unet
-
-        def make(kind: str, adapter: str):
-            if cfg.shared_base:
-                unet = base
-            else:
-                unet = copy.deepcopy(base).float()
-            if kind == "full":
-                unet.requires_grad_(True)
-                return teacher.denoiser(unet), dict(unet.named_parameters())
-            add_adapter(unet, adapter, cfg.lora_rank, cfg.lora_alpha)
-            return teacher.denoiser(unet, adapter=adapter), named_adapter_parameters(unet, adapter)
-
-        generator, gen_params = make(cfg.generator, "student")
-        fake, fake_params = make(cfg.fake_score, "fake")
+        generator, gen_params, fake, fake_params = student_and_fake(
+            teacher, cfg.generator, cfg.fake_score, cfg.shared_base, cfg.lora_rank, cfg.lora_alpha, "dmd2"
+        )
         real = CFG(
-            teacher.denoiser(base, adapter=None if cfg.shared_base else "*"),
+            teacher.denoiser(teacher.unet, adapter=None if cfg.shared_base else "*"),
             cfg.guidance_scale,
             teacher.null_cond,
         )
-        head = None
-        if with_gan:
-            mid_side = latent_shape[-1] // 2 ** (len(base.config.block_out_channels) - 1)
-            head = DiscriminatorHead(base.config.block_out_channels[-1], mid_side)
+        head = unet_discriminator_head(teacher.unet, latent_shape) if with_gan else None
         return cls(generator, fake, real, cfg, latent_shape, gen_params, fake_params, head)

@@ -242,7 +242,7 @@ class TSCD(Method):
         return a * pred + s * z, a * target + s * z, t_adv
 
     def _logits(self, x, t, cond):
-        _, feats = self.features(x, t, cond, features=True)
+        feats = self.features.mid_features(x, t, cond)
         return self.head(feats)
 
     def _one_step_sample(self, cond, n, generator, device):

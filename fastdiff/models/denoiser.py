@@ -79,6 +79,23 @@ class Denoiser(nn.Module):
         x0 = schedule.to_x0(pred.float(), x_t.float(), t, self.alphas_cumprod, self.prediction_type)
         return (x0, feats) if features else x0
 
+    def mid_features(self, x_t, t, cond):
+        """Only the features a GAN head reads (``features=True`` without the prediction)."""
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        return self.native(x_t, t, cond, features=True)[1]
+
+
+class _MidBlockReached(Exception):
+    """Raised by a forward hook to stop a UNet after its mid-block (the decoder's work would be thrown away)."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+
+def _stop_after_mid(module, inputs, output):
+    raise _MidBlockReached(output)
+
 
 class UNetDenoiser(Denoiser):
     """A diffusers UNet2DConditionModel read as an x0 predictor.
@@ -114,6 +131,22 @@ class UNetDenoiser(Denoiser):
             feats, self._mid = self._mid, None
             return pred, feats
         return pred
+
+    def mid_features(self, x_t, t, cond: Cond):
+        """The mid-block output alone: the UNet stops there (as DMD2's classify mode does), about half the cost."""
+        from .lora import use_adapter
+
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        hook = self.unet.mid_block.register_forward_hook(_stop_after_mid)
+        try:
+            with use_adapter(self.unet, self.adapter):
+                dtype = self.unet.dtype
+                self.unet(x_t.to(dtype), t, **cond.to(dtype=dtype).unet_kwargs(), return_dict=False)
+        except _MidBlockReached as stop:
+            return stop.output
+        finally:
+            hook.remove()
+        raise RuntimeError("the UNet returned without running its mid-block")
 
 
 class CFG(nn.Module):

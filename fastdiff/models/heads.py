@@ -41,3 +41,9 @@ class DiscriminatorHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.net(features.float())
         return out.flatten(1).mean(1)
+
+
+def unet_discriminator_head(unet, latent_shape) -> DiscriminatorHead:
+    """A ``DiscriminatorHead`` sized for a diffusers UNet's mid-block features on latents of ``latent_shape``."""
+    blocks = unet.config.block_out_channels
+    return DiscriminatorHead(blocks[-1], latent_shape[-1] // 2 ** (len(blocks) - 1))

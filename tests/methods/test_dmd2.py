@@ -115,3 +115,29 @@ def test_shared_base_requires_lora_for_both_networks(tiny_teachers):
     t = Teacher(tiny_teachers["sdxl"])
     with pytest.raises(ValueError, match="shared_base needs"):
         DMD2.from_teacher(t, DMD2Config(generator="full", shared_base=True), t.latent_shape(), with_gan=False)
+
+
+def test_gan_features_stop_the_unet_after_its_mid_block(tiny_teachers):
+    """mid_features equals the full forward's mid-block output, skips the decoder, and passes gradients."""
+    from fastdiff.teacher import Teacher
+
+    t = Teacher(tiny_teachers["sdxl"])
+    method = DMD2.from_teacher(t, DMD2Config(shared_base=True), t.latent_shape(), with_gan=True)
+    fake, unet = method.fake_score, method.fake_score.unet
+    x = torch.randn(2, *t.latent_shape(), requires_grad=True)
+    ts, cond = torch.tensor([10, 900]), t.encode(["a", "b"])
+    _, full = fake(x, ts, cond, features=True)
+    calls = []
+    hooks = [b.register_forward_hook(lambda *a: calls.append(1)) for b in unet.up_blocks]
+    try:
+        feats = fake.mid_features(x, ts, cond)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []  # no decoder block ran
+    torch.testing.assert_close(feats, full)
+    method.head(feats).sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in method.head.parameters())
+    # the adapter context was restored although the forward stopped early
+    assert fake(x, ts, cond).shape == x.shape

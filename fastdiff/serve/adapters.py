@@ -1,0 +1,328 @@
+"""The adapter registry: names -> LoRA files (diffusers or kohya keys) and fastdiff exports, with their recipes.
+
+Names are looked up here and nowhere else: a request names an adapter, never a path. Paths come from the server's
+adapters root only (the startup scan, or ``POST /v1/adapters`` with a path that must resolve, symlinks included,
+inside that root). Only ``.safetensors`` files are registered; their keys are checked at registration (diffusers
+and kohya formats, see ``fastdiff.models.lora.validate_lora_file``), their weights are read when first used.
+
+A fastdiff export (a folder with ``fastdiff.json`` and ``lora/``) carries its sampling recipe: scheduler, step count,
+timesteps, guidance and LoRA scale. ``sampling_for`` turns it, and a request's overrides, into a ``Sampling``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..export import RECIPE_FILE, derive_scheduler, read_recipe
+from ..models.lora import DIFFUSERS_WEIGHT_NAME, LoRAFormatError, validate_lora_file
+
+logger = logging.getLogger("fastdiff.serve")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_UIDS = itertools.count(1)
+
+
+class RequestError(Exception):
+    """A request the server refuses (a bad registration, an unknown adapter, a value out of range); ``status`` is
+    its HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a batch is sampled; hashable, part of the micro-batch key.
+
+    ``scheduler`` is a diffusers scheduler class name and ``scheduler_config`` its config as JSON; ``None`` / ``""``
+    for the base pipeline's own scheduler. ``timesteps`` is passed to the pipeline only when the scheduler cannot
+    derive it from the step count; ``eta`` only when the recipe sets it.
+    """
+
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: str | None = None
+    scheduler_config: str = ""
+    timesteps: tuple[int, ...] | None = None
+    eta: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """One registered adapter. Compared by identity: a re-registered name is a new adapter (new ``uid``)."""
+
+    name: str
+    path: Path  # the .safetensors weights
+    format: str  # "diffusers" | "kohya"
+    source: Path  # what was registered: the file, a diffusers LoRA folder, or an export folder
+    nbytes: int
+    recipe: dict | None = None  # fastdiff.json of an export
+    scheduler_config: dict | None = None  # the export's scheduler (its pipeline/scheduler, or derived)
+    uid: int = field(default_factory=lambda: next(_UIDS))
+
+    @property
+    def default_weight(self) -> float:
+        scale = (self.recipe or {}).get("lora_scale")
+        return 1.0 if scale is None else float(scale)
+
+    @property
+    def internal_name(self) -> str:
+        """The peft adapter name on the pipeline (request names may hold '.', which peft module keys cannot)."""
+        return f"fd{self.uid}"
+
+    def describe(self) -> dict:
+        out = {
+            "name": self.name,
+            "kind": "fastdiff-export" if self.recipe else "lora",
+            "format": self.format,
+            "path": str(self.source),
+            "bytes": self.nbytes,
+            "default_weight": self.default_weight,
+        }
+        if self.recipe:
+            r = self.recipe
+            out["recipe"] = {
+                "method": r.get("method"),
+                "scheduler": r.get("scheduler"),
+                "num_inference_steps": r["num_inference_steps"],
+                "timesteps": r.get("timesteps"),
+                "guidance_scale": r["guidance_scale"],
+                "lora_scale": r.get("lora_scale"),
+                "step_counts": sorted(int(k) for k in r.get("recipes", {})) or None,
+            }
+        return out
+
+
+def _scheduler_class(name: str):
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"{name!r} is not a diffusers scheduler class")
+    return cls
+
+
+def build_scheduler(sampling: Sampling):
+    """A fresh scheduler object for ``sampling`` (None: use the base pipeline's)."""
+    if sampling.scheduler is None:
+        return None
+    return _scheduler_class(sampling.scheduler).from_config(json.loads(sampling.scheduler_config))
+
+
+def sampling_for(adapter: Adapter, steps: int | None, guidance_scale: float | None) -> Sampling:
+    """The export's recipe as a ``Sampling``, with a request's step / guidance overrides.
+
+    The step count may change only where the export says how to sample at that count: one of its ``recipes``
+    (consistency students such as TSCD: 1/2/4/8 steps), or any count for an LCM-scheduled export whose timesteps the
+    scheduler derives (as ``fastdiff generate --steps``). Otherwise a different count is refused (ValueError).
+    """
+    r = adapter.recipe
+    assert r is not None and adapter.scheduler_config is not None
+    trained = int(r["num_inference_steps"])
+    guidance = float(r["guidance_scale"]) if guidance_scale is None else float(guidance_scale)
+    config = dict(adapter.scheduler_config)
+    derivable = r.get("timesteps_derivable", True)
+    if steps is None or steps == trained:
+        timesteps = None if derivable else tuple(r["timesteps"])
+        return Sampling(trained, guidance, r["scheduler"], json.dumps(config, sort_keys=True), timesteps)
+    sub = r.get("recipes", {}).get(str(steps))
+    if sub is not None:
+        if "timestep_spacing" in sub:
+            config["timestep_spacing"] = sub["timestep_spacing"]
+        g = float(sub.get("guidance_scale", r["guidance_scale"])) if guidance_scale is None else guidance
+        return Sampling(steps, g, sub["scheduler"], json.dumps(config, sort_keys=True), None, sub.get("eta"))
+    if r["scheduler"] == "LCMScheduler" and derivable:
+        return Sampling(steps, guidance, r["scheduler"], json.dumps(config, sort_keys=True))
+    counts = sorted({trained, *(int(k) for k in r.get("recipes", {}))})
+    raise ValueError(
+        f"adapter {adapter.name!r} is a fastdiff export trained for {trained} step(s) at timesteps "
+        f"{r.get('timesteps')} ({r['scheduler']}); it can be sampled at {counts} step(s), not {steps}"
+    )
+
+
+class Registry:
+    """Thread-safe name -> Adapter map over one adapters root.
+
+    Args:
+        root: the folder adapters may be registered from (nothing outside it, after resolving symlinks).
+        base_scheduler_config: the base pipeline's scheduler config (to derive an export's scheduler when the
+            export folder has no ``pipeline/``).
+        max_adapter_bytes: larger weight files are refused (413).
+        check: called with a weights path to check it against the base model (e.g. its UNet's modules); raises
+            LoRAFormatError for a LoRA of another model.
+    """
+
+    def __init__(self, root: str | Path, base_scheduler_config: dict, max_adapter_bytes: int, check=None):
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"adapters folder not found: {root}")
+        self.base_scheduler_config = dict(base_scheduler_config)
+        self.max_adapter_bytes = max_adapter_bytes
+        self.check = check
+        self._adapters: dict[str, Adapter] = {}
+        self._lock = threading.Lock()
+        self.skipped: list[dict] = []  # startup-scan entries that were not registered, with the reason
+
+    # lookup ---------------------------------------------------------------------------------------------------
+    def get(self, name: str) -> Adapter:
+        with self._lock:
+            adapter = self._adapters.get(name)
+        if adapter is None:
+            raise RequestError(404, f"unknown adapter {name!r}; GET /v1/adapters lists the registered ones")
+        return adapter
+
+    def __contains__(self, adapter: Adapter) -> bool:
+        with self._lock:
+            return self._adapters.get(adapter.name) is adapter
+
+    def list(self) -> list[Adapter]:
+        with self._lock:
+            return sorted(self._adapters.values(), key=lambda a: a.name)
+
+    def remove(self, name: str) -> Adapter:
+        with self._lock:
+            adapter = self._adapters.pop(name, None)
+        if adapter is None:
+            raise RequestError(404, f"unknown adapter {name!r}; GET /v1/adapters lists the registered ones")
+        return adapter
+
+    # registration ---------------------------------------------------------------------------------------------
+    def scan(self) -> list[Adapter]:
+        """Register every ``*.safetensors`` file and adapter folder directly under the root; skip (and record)
+        the rest with the reason."""
+        added = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir() and not self._is_adapter_folder(entry):
+                continue
+            if entry.is_file() and entry.suffix != ".safetensors":
+                if entry.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+                    self._skip(entry, "only .safetensors adapters are loaded (pickle formats can run code)")
+                continue
+            try:
+                added.append(self.register(entry))
+            except RequestError as e:
+                self._skip(entry, e.message)
+        return added
+
+    def register(self, path: str | Path, name: str | None = None) -> Adapter:
+        """Register a file or folder inside the root under ``name`` (default: its file stem / folder name)."""
+        source = self._inside_root(path)
+        name = name if name is not None else (source.stem if source.is_file() else source.name)
+        if not NAME_PATTERN.match(name):
+            raise RequestError(
+                422,
+                f"adapter name {name!r} is not allowed: 1-64 characters of letters, digits, '_', '-', '.', "
+                "starting with a letter or digit",
+            )
+        adapter = self._load_entry(name, source)
+        with self._lock:
+            if name in self._adapters:
+                raise RequestError(409, f"adapter {name!r} is already registered; DELETE it first")
+            self._adapters[name] = adapter
+        logger.info("registered adapter %s (%s, %s)", name, adapter.format, source)
+        return adapter
+
+    def _skip(self, path: Path, reason: str) -> None:
+        logger.warning("adapter %s skipped: %s", path, reason)
+        self.skipped.append({"path": str(path), "error": reason})
+
+    @staticmethod
+    def _is_adapter_folder(folder: Path) -> bool:
+        return (folder / RECIPE_FILE).is_file() or (folder / DIFFUSERS_WEIGHT_NAME).is_file()
+
+    def _inside_root(self, path: str | Path) -> Path:
+        raw = Path(path)
+        candidate = raw if raw.is_absolute() else self.root / raw
+        resolved = candidate.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise RequestError(400, f"{path}: adapters are registered only from inside {self.root}")
+        if not resolved.exists():
+            raise RequestError(400, f"{path}: no such file or folder under {self.root}")
+        return resolved
+
+    def _weights(self, path: Path) -> tuple[str, int]:
+        """Check one weights file: inside the root, .safetensors, size limit, LoRA keys; -> (format, bytes)."""
+        if path.suffix != ".safetensors":
+            raise RequestError(
+                400,
+                f"{path.name}: only .safetensors adapters are loaded (got {path.suffix or 'no suffix'!r})",
+            )
+        if not path.resolve().is_relative_to(self.root) or not path.is_file():
+            raise RequestError(400, f"{path}: not a file inside {self.root}")
+        nbytes = path.stat().st_size
+        if nbytes > self.max_adapter_bytes:
+            raise RequestError(
+                413,
+                f"{path.name}: {nbytes} bytes is over the server's adapter size limit ({self.max_adapter_bytes})",
+            )
+        try:
+            fmt = validate_lora_file(path)
+            if self.check is not None:
+                self.check(path)
+        except LoRAFormatError as e:
+            raise RequestError(400, str(e)) from None
+        except Exception as e:  # unreadable / not a safetensors file at all
+            raise RequestError(
+                400, f"{path.name}: not a readable safetensors LoRA ({type(e).__name__}: {e})"
+            ) from None
+        return fmt, nbytes
+
+    def _load_entry(self, name: str, source: Path) -> Adapter:
+        if source.is_file():
+            fmt, nbytes = self._weights(source)
+            return Adapter(name, source, fmt, source, nbytes)
+        if (source / RECIPE_FILE).is_file():
+            return self._export_entry(name, source)
+        weights = source / DIFFUSERS_WEIGHT_NAME
+        if weights.is_file():
+            fmt, nbytes = self._weights(weights)
+            return Adapter(name, weights, fmt, source, nbytes)
+        raise RequestError(
+            400,
+            f"{source}: a folder must be a fastdiff export ({RECIPE_FILE} + lora/) or hold {DIFFUSERS_WEIGHT_NAME}",
+        )
+
+    def _export_entry(self, name: str, folder: Path) -> Adapter:
+        try:
+            recipe = read_recipe(folder)
+            missing = [
+                k
+                for k in ("num_inference_steps", "guidance_scale", "timesteps", "scheduler")
+                if k not in recipe
+            ]
+            if missing:
+                raise ValueError(f"{RECIPE_FILE} lacks {missing}")
+            _scheduler_class(recipe["scheduler"])
+        except (ValueError, OSError) as e:
+            raise RequestError(400, f"{folder}: not a usable fastdiff export ({e})") from None
+        if not recipe.get("lora"):
+            raise RequestError(
+                400,
+                f"{folder}: this export's student is a full UNet, not a LoRA; serve its pipeline/ as --base instead",
+            )
+        weights = (folder / recipe["lora"]).resolve()
+        if not weights.is_relative_to(folder.resolve()):
+            raise RequestError(
+                400, f"{folder}: {RECIPE_FILE} points its LoRA outside the export ({recipe['lora']})"
+            )
+        fmt, nbytes = self._weights(weights)
+        sched_file = folder / "pipeline" / "scheduler" / "scheduler_config.json"
+        if sched_file.is_file():  # the scheduler the export saved (and self-checked)
+            config = json.loads(sched_file.read_text())
+        else:  # only fastdiff.json + lora/ were copied: derive it as the export did
+            sched, _ = derive_scheduler(
+                self.base_scheduler_config, list(recipe["timesteps"]), recipe.get("sampler", "lcm")
+            )
+            config = dict(sched.config)
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        return Adapter(name, weights, fmt, folder, nbytes, recipe=recipe, scheduler_config=config)

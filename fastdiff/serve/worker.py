@@ -1,0 +1,418 @@
+"""The one inference worker: owns the pipeline, its adapter cache and its scheduler, runs micro-batches.
+
+Only this thread touches the pipeline, one batch at a time, so a request never sees another request's adapter
+state. A batch is requests that arrive within ``window_s`` of its first one, up to ``max_batch_images`` images, with
+the same sampling, size and negative-prompt use (``BatchKey.shared``) and either the same adapter set and weights,
+or (``mix_adapters``) at most one adapter each: then every image is routed to its own adapter inside each LoRA
+layer (peft's mixed-adapter batches, ``adapter_names``), the base layers run once for all. Each image has its own
+``torch.Generator`` seeded with ``seed + index``: its noise does not depend on what it is batched with.
+
+Adapters load lazily (``load_lora_weights(adapter_name=...)``) into an LRU cache of ``cache_size`` adapters; a
+switch sets the active adapters and their scales on weights already in memory (``_switch``), never a reload of
+the base.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import warnings
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import Adapter, Sampling, build_scheduler
+
+logger = logging.getLogger("fastdiff.serve")
+
+
+_STOP = object()  # queue sentinel: finish the current batch, then exit
+
+
+class _NoTextEncoderNotice(logging.Filter):
+    """diffusers logs a warning per text encoder when a LoRA has no text-encoder keys (most UNet LoRAs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated")
+
+
+_DIFFUSERS_LORA_LOGGER = logging.getLogger("diffusers.loaders.lora_base")
+if not any(isinstance(f, _NoTextEncoderNotice) for f in _DIFFUSERS_LORA_LOGGER.filters):
+    _DIFFUSERS_LORA_LOGGER.addFilter(_NoTextEncoderNotice())
+
+
+@contextmanager
+def _quiet_peft():
+    """peft warns on every second adapter ("Already found a `peft_config`") and when the active one is deleted:
+    both are what the cache intends."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        yield
+
+
+class Unavailable(Exception):
+    """The worker takes no more requests now: its queue is full, or it has stopped."""
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What requests must share to run as one pipeline call."""
+
+    adapters: tuple[tuple[Adapter, float], ...]
+    sampling: Sampling
+    width: int
+    height: int
+    negative: bool  # a negative prompt is given (SDXL zeroes the unconditional embedding when it is not)
+
+    @property
+    def shared(self) -> tuple:
+        """What every request of a mixed-adapter batch must still share."""
+        return (self.sampling, self.width, self.height, self.negative)
+
+
+@dataclass
+class Job:
+    key: BatchKey
+    prompt: str
+    negative_prompt: str | None
+    n: int
+    seed: int
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+    batch_images: int = 0  # filled in by the worker: images in the pipeline call that served this job
+
+
+class Worker(threading.Thread):
+    """The inference thread.
+
+    Args:
+        pipe: a diffusers StableDiffusion(XL)Pipeline (peft backend).
+        cache_size: adapters kept loaded on the pipeline (least recently used evicted).
+        max_batch_images: most images in one pipeline call; 1 turns micro-batching off.
+        window_s: how long a batch waits for more requests after its first one.
+        max_queue: most jobs waiting; ``submit`` raises Unavailable beyond it.
+        metrics: a ``Metrics`` (adapter loads/evictions, batch sizes).
+        is_registered: adapter -> whether it is still registered (deleted adapters are evicted).
+        mix_adapters: batch requests of different single adapters together (peft's per-image ``adapter_names``).
+    """
+
+    def __init__(
+        self,
+        pipe,
+        cache_size: int,
+        max_batch_images: int,
+        window_s: float,
+        max_queue: int,
+        metrics,
+        is_registered: Callable[[Adapter], bool],
+        mix_adapters: bool = True,
+    ):
+        super().__init__(name="fastdiff-inference", daemon=True)
+        self.pipe = pipe
+        self.cache_size = cache_size
+        self.max_batch_images = max_batch_images
+        self.window_s = window_s
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.is_registered = is_registered
+        self.mix_adapters = mix_adapters
+        self.base_scheduler = pipe.scheduler
+        self.loaded: OrderedDict[Adapter, str] = OrderedDict()  # LRU order, oldest first; worker thread only
+        self.loaded_uids: frozenset[int] = frozenset()  # a snapshot for other threads
+        self.active: tuple | None = None  # ((uid, weight), ...) set on the pipeline; None = unknown
+        self.schedulers: dict[Sampling, object] = {}
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: deque[Job] = deque()  # taken off the queue while gathering a batch of another key
+        self._in_flight = 0  # jobs submitted and not yet answered
+        self._in_flight_lock = threading.Lock()
+        self._last_batch_jobs = 0
+        self._layers: list | None = None  # the pipeline's peft tuner layers (rebuilt after loads/deletes)
+
+    # called from other threads ------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() + len(self._pending)
+
+    def submit(self, job: Job) -> Future:
+        if not self.is_alive():
+            raise Unavailable("the inference worker is not running")
+        if self.depth >= self.max_queue:
+            raise Unavailable(f"{self.depth} requests are waiting (the server's limit is {self.max_queue})")
+        with self._in_flight_lock:
+            self._in_flight += 1
+        job.future.add_done_callback(self._answered)
+        self._queue.put(job)
+        return job.future
+
+    def _answered(self, _future: Future) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
+
+    def call(self, fn: Callable, wait: bool = True):
+        """Run ``fn(pipe)`` on the worker thread between batches; return its result (``wait``) or at once."""
+        if threading.current_thread() is self or not self.is_alive():
+            return fn(self.pipe)
+        future: Future = Future()
+        self._queue.put((fn, future))
+        return future.result() if wait else None
+
+    def stop(self, timeout: float = 30) -> None:
+        self._queue.put(_STOP)
+        self.join(timeout)
+
+    # the thread ---------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            batch = self._gather()
+            if batch is None:
+                break
+            self._run_batch(batch)
+            try:
+                self._evict_deleted()
+            except Exception:  # keep serving; the cache is rebuilt from what the pipeline holds
+                logger.exception("could not unload deleted adapters")
+                self._recover()
+
+    def _next(self, timeout: float | None):
+        """The next job or control item off the queue (control items run right here), or None on timeout."""
+        while True:
+            try:
+                item = (
+                    self._queue.get(timeout=timeout)
+                    if timeout is None or timeout > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                return None
+            if isinstance(item, tuple):  # (fn, future): a control call
+                fn, future = item
+                try:
+                    future.set_result(fn(self.pipe))
+                except Exception as e:  # the caller gets it
+                    future.set_exception(e)
+                continue
+            return item
+
+    def _gather(self) -> list[Job] | None:
+        """The next batch: the oldest job plus compatible ones already waiting; then, if nothing else is waiting
+        and more requests are likely (other requests in flight, or the last batch had several), those arriving
+        until ``window_s`` after the oldest one. A lone client never waits for the window."""
+        if self._pending:
+            first = self._pending.popleft()
+        else:
+            first = self._next(None)
+            if first is _STOP:
+                return None
+        batch, images = [first], first.n
+        for job in list(self._pending):  # same key, already waiting
+            if self._joins(batch, job, images):
+                self._pending.remove(job)
+                batch.append(job)
+                images += job.n
+        deadline = first.enqueued + self.window_s
+        while images < self.max_batch_images:
+            expect_more = self._in_flight > len(batch) or self._last_batch_jobs > 1
+            wait = deadline - time.perf_counter() if expect_more and not self._pending else 0
+            job = self._next(wait)
+            if job is None:
+                break
+            if job is _STOP:
+                self._queue.put(job)  # stop after this batch
+                break
+            if self._joins(batch, job, images):
+                batch.append(job)
+                images += job.n
+            else:
+                self._pending.append(job)
+        self._last_batch_jobs = len(batch)
+        return batch
+
+    def _joins(self, batch: list[Job], job: Job, images: int) -> bool:
+        """Whether ``job`` may join ``batch``: the same adapter set, or (``mix_adapters``) at most one adapter per
+        request, one weight per adapter and no more distinct adapters than the cache holds."""
+        first = batch[0].key
+        if images + job.n > self.max_batch_images or job.key.shared != first.shared:
+            return False
+        if job.key.adapters == first.adapters and all(j.key.adapters == first.adapters for j in batch):
+            return True
+        if not self.mix_adapters or any(len(j.key.adapters) > 1 for j in (*batch, job)):
+            return False
+        weights = {a: w for j in batch for a, w in j.key.adapters}
+        for a, w in job.key.adapters:
+            if weights.setdefault(a, w) != w:
+                return False
+        return len(weights) <= self.cache_size
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        key = batch[0].key
+        images = sum(j.n for j in batch)
+        hooks = []
+        try:
+            if all(j.key.adapters == key.adapters for j in batch):
+                self._use_adapters(key.adapters)
+            else:  # a mixed batch: every adapter active with its weight, each image routed to its own
+                self._use_adapters(tuple(dict(a for j in batch for a in j.key.adapters).items()))
+                names = [j.key.adapters[0][0].internal_name if j.key.adapters else "__base__" for j in batch]
+                hooks = self._route([name for j, name in zip(batch, names) for _ in range(j.n)])
+                self.metrics.mixed_batches += 1
+            self.pipe.scheduler = self._scheduler(key.sampling)
+            s = key.sampling
+            kwargs = {}
+            if s.timesteps is not None:
+                kwargs["timesteps"] = list(s.timesteps)
+            if s.eta is not None:
+                kwargs["eta"] = s.eta
+            prompts = [j.prompt for j in batch for _ in range(j.n)]
+            negatives = [j.negative_prompt for j in batch for _ in range(j.n)] if key.negative else None
+            generators = [torch.Generator().manual_seed(j.seed + i) for j in batch for i in range(j.n)]
+            out = self.pipe(
+                prompt=prompts,
+                negative_prompt=negatives,
+                num_inference_steps=s.num_inference_steps,
+                guidance_scale=s.guidance_scale,
+                width=key.width,
+                height=key.height,
+                generator=generators,
+                output_type="pil",
+                **kwargs,
+            ).images
+        except Exception as e:
+            logger.exception("generation failed (%d request(s))", len(batch))
+            self._recover()
+            for job in batch:
+                job.future.set_exception(e)
+            return
+        finally:
+            self.pipe.scheduler = self.base_scheduler
+            for hook in hooks:
+                hook.remove()
+        self.metrics.observe_batch(images)
+        start = 0
+        for job in batch:
+            job.batch_images = images
+            job.future.set_result(out[start : start + job.n])
+            start += job.n
+
+    def _scheduler(self, sampling: Sampling):
+        if sampling.scheduler is None:
+            return self.base_scheduler
+        if sampling not in self.schedulers:
+            if len(self.schedulers) > 64:
+                self.schedulers.clear()
+            self.schedulers[sampling] = build_scheduler(sampling)
+        return self.schedulers[sampling]
+
+    # adapters -----------------------------------------------------------------------------------------------
+    def _use_adapters(self, adapters: tuple[tuple[Adapter, float], ...]) -> None:
+        """Make exactly ``adapters`` (with their weights) active on the pipeline, loading what is missing."""
+        wanted = {a for a, _ in adapters}
+        for adapter, _ in adapters:
+            if adapter in self.loaded:
+                self.loaded.move_to_end(adapter)
+                continue
+            while len(self.loaded) >= self.cache_size:
+                victim = next((a for a in self.loaded if a not in wanted), None)
+                if victim is None:
+                    break
+                self._unload(victim)
+            self.active = None
+            try:
+                with _quiet_peft():
+                    self.pipe.load_lora_weights(
+                        str(adapter.path.parent),
+                        weight_name=adapter.path.name,
+                        adapter_name=adapter.internal_name,
+                        use_safetensors=True,
+                        local_files_only=True,
+                    )
+            except Exception as e:
+                raise RuntimeError(
+                    f"adapter {adapter.name!r} could not be loaded ({type(e).__name__}: {e})"
+                ) from e
+            self.loaded[adapter] = adapter.internal_name
+            self._layers = None
+            self.loaded_uids = frozenset(a.uid for a in self.loaded)
+            self.metrics.adapter_loads += 1
+        state = tuple((a.uid, w) for a, w in adapters)
+        if state != self.active:
+            self._switch([a.internal_name for a, _ in adapters], [w for _, w in adapters])
+            self.active = state
+
+    def _switch(self, names: list[str], weights: list[float]) -> None:
+        """``pipe.set_adapters(names, weights)`` (or no adapter at all for ``[]``) over the cached tuner layers.
+
+        diffusers' ``set_adapters`` walks every module and peft's ``layer.set_adapter`` also toggles
+        ``requires_grad`` on every adapter's weights: 14 ms of a ~60 ms tiny-pipeline request, more on SDXL. For
+        inference only the active list and the scales matter: set peft's ``_active_adapter`` (what
+        ``set_adapter`` stores; an empty list leaves the base layer alone) and call ``set_scale``.
+        """
+        for layer in self._tuner_layers():
+            if hasattr(layer, "_active_adapter") and not layer.disable_adapters:
+                layer._active_adapter = list(names)
+            else:  # another peft layout: the public (slower) way
+                layer.enable_adapters(True)
+                layer.set_adapter(list(names), inference_mode=True)
+            for name, weight in zip(names, weights):
+                layer.set_scale(name, weight)
+
+    def _route(self, names: list[str]) -> list:
+        """peft's mixed-adapter batches: pass ``adapter_names`` (one per image; ``"__base__"`` for none) to every
+        LoRA layer's forward, repeated for the CFG halves ([unconditional, conditional], in prompt order)."""
+        n = len(names)
+
+        def add_names(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if len(x) % n:
+                raise RuntimeError(f"a LoRA layer saw a batch of {len(x)}, not a multiple of the {n} images")
+            return args, {**kwargs, "adapter_names": names * (len(x) // n)}
+
+        return [
+            layer.register_forward_pre_hook(add_names, with_kwargs=True) for layer in self._tuner_layers()
+        ]
+
+    def _tuner_layers(self) -> list:
+        if self._layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            components = [getattr(self.pipe, c, None) for c in self.pipe._lora_loadable_modules]
+            self._layers = [
+                m for c in components if c is not None for m in c.modules() if isinstance(m, BaseTunerLayer)
+            ]
+        return self._layers
+
+    def _unload(self, adapter: Adapter, evicted: bool = True) -> None:
+        with _quiet_peft():
+            self.pipe.delete_adapters([self.loaded.pop(adapter)])
+        self.loaded_uids = frozenset(a.uid for a in self.loaded)
+        self._layers = None
+        self.active = None
+        if evicted:
+            self.metrics.adapter_evictions += 1
+
+    def _evict_deleted(self) -> None:
+        for adapter in [a for a in self.loaded if not self.is_registered(a)]:
+            self._unload(adapter, evicted=False)
+
+    def sweep(self) -> None:
+        """Drop deleted adapters from the pipeline soon (on the worker thread, between batches); returns at once."""
+        self.call(lambda _: self._evict_deleted(), wait=False)
+
+    def _recover(self) -> None:
+        """After a failed batch: drop adapters the pipeline holds but the cache does not know (a load that
+        failed half-way), and forget the active set so the next batch sets it again."""
+        self.active = None
+        self._layers = None
+        try:
+            present = {n for names in self.pipe.get_list_adapters().values() for n in names}
+            stray = sorted(present - set(self.loaded.values()))
+            if stray:
+                self.pipe.delete_adapters(stray)
+        except Exception:  # leave the rest to the next batch's set_adapters
+            logger.exception("could not clean up after a failed batch")

@@ -1,0 +1,476 @@
+"""fastdiff serve: a real uvicorn server on loopback, a tiny SDXL base, tiny LoRAs (diffusers, kohya, an export)."""
+
+import base64
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from fastdiff.eval.bench_serve import random_lora  # noqa: E402
+from fastdiff.serve.adapters import Adapter, sampling_for  # noqa: E402
+from fastdiff.serve.app import ServeConfig, create_app  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def make_export(teacher: str, out: Path) -> Path:
+    """A real fastdiff export of a 4-step DMD2 LoRA student (weights randomised instead of trained)."""
+    from fastdiff.config import load_config, to_dict
+    from fastdiff.export import export
+    from fastdiff.methods import build_method
+    from fastdiff.models.lora import adapter_parameters
+    from fastdiff.teacher import Teacher
+
+    cfg = load_config(
+        REPO / "assets/configs/tiny_sdxl_dmd2.yaml", [f"teacher={teacher}", f"output_dir={out}"]
+    )
+    t = Teacher(teacher)
+    method = build_method(cfg, t, t.latent_shape(), with_real_data=False)
+    gen = method.generator
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in adapter_parameters(gen.unet, gen.adapter):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return export(method, t, to_dict(cfg), out, lora_scale=0.8, prompts=["a red square"])
+
+
+@pytest.fixture(scope="module")
+def assets(tiny_teachers, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    root = tmp / "adapters"
+    root.mkdir()
+    a = random_lora("sdxl", tmp / "a", seed=1)
+    b = random_lora("sdxl", tmp / "b", seed=2)
+    shutil.copy(a["diffusers"], root / "style_a.safetensors")
+    shutil.copy(b["diffusers"], root / "style_b.safetensors")
+    shutil.copy(b["kohya"], root / "style_b_kohya.safetensors")  # the same adapter, kohya keys
+    make_export(tiny_teachers["sdxl"], root / "distilled")
+    (root / "notes.txt").write_text("not an adapter")
+    (root / "legacy.ckpt").write_bytes(b"pickle")  # skipped: pickle formats are never loaded
+    return {"base": tiny_teachers["sdxl"], "root": root, "tmp": tmp, "a": a, "b": b}
+
+
+def config(assets, **kw) -> ServeConfig:
+    base = dict(
+        base=assets["base"],
+        adapters=str(assets["root"]),
+        token=TOKEN,
+        cache_size=2,
+        default_steps=2,
+        default_guidance_scale=3.0,
+        batch_window_ms=100,
+        max_steps=8,
+        max_n=4,
+        max_size=64,
+        max_prompt_chars=100,
+        max_body_bytes=4096,
+        max_adapter_bytes=1_000_000,
+    )
+    return ServeConfig(**{**base, **kw})
+
+
+@contextmanager
+def running(cfg: ServeConfig):
+    import uvicorn
+
+    app = create_app(cfg)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", headers=AUTH, timeout=120
+        ) as c:
+            yield c, app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    with running(config(assets)) as (client, app):
+        yield client, app
+
+
+def generate(client, **body) -> dict:
+    r = client.post("/v1/images/generations", json={"prompt": "a red square", "seed": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def pixels(response: dict) -> list[np.ndarray]:
+    from PIL import Image
+
+    return [
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))).astype(int)
+        for d in response["data"]
+    ]
+
+
+def metric(client, line_start: str) -> float:
+    text = client.get("/metrics").text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)]
+    return sum(values)
+
+
+def requests16() -> list[dict]:
+    return [
+        {"prompt": f"prompt {i % 3}", "seed": 100 + i, "adapters": [{"name": ("style_a", "style_b")[i % 2]}]}
+        for i in range(16)
+    ]
+
+
+def concurrently(client, bodies: list[dict]) -> list[dict]:
+    def one(body):
+        r = client.post("/v1/images/generations", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(one, bodies))
+
+
+def test_concurrent_alternating_adapters_match_one_at_a_time_with_batching_off(assets):
+    """No micro-batching: every image is bit-identical (same PNG bytes) to the same request served alone."""
+    with running(config(assets, max_batch_images=1)) as (client, _):
+        alone = [generate(client, **body) for body in requests16()]
+        together = concurrently(client, requests16())
+    for i, (x, y) in enumerate(zip(alone, together)):
+        assert x["data"][0]["b64_json"] == y["data"][0]["b64_json"], f"request {i}"
+    a, b = pixels(alone[0])[0], pixels(alone[1])[0]
+    assert np.abs(a - b).max() > 20  # the two adapters (and prompts) really differ
+
+
+def test_concurrent_alternating_adapters_match_one_at_a_time_with_micro_batching(server):
+    """Micro-batched images equal the one-at-a-time images up to float rounding (batched kernels sum in another
+    order: about 1e-4 in the latents after the steps, so at most 1/255 in a pixel); an adapter leaking between
+    requests would move them by tens of levels."""
+    client, app = server
+    loads = metric(client, "fastdiff_adapter_loads_total")
+    alone = [generate(client, **body) for body in requests16()]
+    together = concurrently(client, requests16())
+    assert all(r["fastdiff"]["batch_images"] == 1 for r in alone)
+    assert max(r["fastdiff"]["batch_images"] for r in together) > 1  # requests really were batched
+    assert metric(client, "fastdiff_mixed_batches_total") > 0  # ... style_a and style_b images in one call
+    for i, (x, y) in enumerate(zip(alone, together)):
+        assert x["fastdiff"]["adapters"] == y["fastdiff"]["adapters"]
+        diff = np.abs(pixels(x)[0] - pixels(y)[0])
+        assert diff.max() <= 1 and diff.mean() < 0.01, f"request {i}: max {diff.max()}, mean {diff.mean()}"
+    # both adapters stay cached: alternating never reloads them (nor the base)
+    assert metric(client, "fastdiff_adapter_loads_total") - loads <= 2
+
+
+def test_seed_per_image_is_independent_of_n_and_batching(server):
+    client, _ = server
+    four = pixels(generate(client, n=4, seed=50, adapters=[{"name": "style_a"}]))
+    third = pixels(generate(client, n=1, seed=52, adapters=[{"name": "style_a"}]))[0]
+    assert np.abs(four[2] - third).max() <= 1
+    ones = concurrently(client, [{"prompt": "a red square", "seed": 50 + i, "adapters": [{"name": "style_a"}]} for i in range(4)])  # fmt: skip
+    assert max(r["fastdiff"]["batch_images"] for r in ones) > 1
+    for i, r in enumerate(ones):
+        assert np.abs(pixels(r)[0] - four[i]).max() <= 1
+    assert np.abs(four[0] - four[1]).max() > 20
+
+
+def test_hot_add_and_remove(server, assets):
+    client, app = server
+    plain = pixels(generate(client))[0]
+    shutil.copy(assets["a"]["diffusers"], assets["root"] / "late.safetensors")
+    r = client.post("/v1/adapters", json={"path": "late.safetensors", "name": "hot"})
+    assert r.status_code == 201, r.text
+    assert r.json()["format"] == "diffusers"
+    assert "hot" in [a["name"] for a in client.get("/v1/adapters").json()["data"]]
+    hot = pixels(generate(client, adapters=[{"name": "hot"}]))[0]
+    assert np.abs(hot - plain).max() > 20
+    assert client.delete("/v1/adapters/hot").status_code == 204
+    assert "hot" not in [a["name"] for a in client.get("/v1/adapters").json()["data"]]
+    r = client.post("/v1/images/generations", json={"prompt": "x", "adapters": [{"name": "hot"}]})
+    assert r.status_code == 404 and "hot" in r.json()["detail"]
+    # the same name again (a new registration), from a folder holding pytorch_lora_weights.safetensors
+    (assets["root"] / "late_dir").mkdir()
+    shutil.copy(assets["a"]["diffusers"], assets["root"] / "late_dir")
+    r = client.post("/v1/adapters", json={"path": str(assets["root"] / "late_dir"), "name": "hot"})
+    assert r.status_code == 201, r.text
+    again = pixels(generate(client, adapters=[{"name": "hot"}]))[0]
+    assert np.abs(again - hot).max() <= 1
+    # no request ever changed the base: no adapters gives the same image as before
+    assert np.array_equal(pixels(generate(client))[0], plain)
+
+
+def test_bad_input_gets_its_status(server, assets, tmp_path):
+    client, _ = server
+    root = assets["root"]
+    gen = "/v1/images/generations"
+    ok = {"prompt": "a red square"}
+    cases = [
+        (gen, {**ok, "adapters": [{"name": "nope"}]}, 404, "unknown adapter"),
+        (gen, {**ok, "adapters": [{"name": "../style_a"}]}, 404, "unknown adapter"),
+        (gen, {**ok, "n": 5}, 422, "n=5"),
+        (gen, {**ok, "steps": 9}, 422, "steps=9"),
+        (gen, {**ok, "steps": 0}, 422, "greater than or equal"),
+        (gen, {**ok, "guidance_scale": 31}, 422, "guidance_scale"),
+        (gen, {"prompt": "x" * 101}, 422, "101 characters"),
+        (gen, {**ok, "negative_prompt": "x" * 101}, 422, "negative_prompt"),
+        (gen, {**ok, "size": "128x128"}, 422, "between 8 and 64"),
+        (gen, {**ok, "size": "30x30"}, 422, "multiple of 8"),
+        (gen, {**ok, "size": "big"}, 422, "WIDTHxHEIGHT"),
+        (gen, {**ok, "response_format": "url"}, 422, "b64_json"),
+        (gen, {**ok, "stepz": 4}, 422, "stepz"),
+        (gen, {"n": 1}, 422, "prompt"),
+        (gen, {**ok, "seed": -1}, 422, "seed"),
+        (gen, {**ok, "adapters": [{"name": "style_a"}, {"name": "style_a"}]}, 422, "once"),
+        (
+            gen,
+            {**ok, "adapters": [{"name": n} for n in ("style_a", "style_b", "distilled")]},
+            422,
+            "at most 2",
+        ),
+        (gen, {**ok, "adapters": [{"name": "style_a", "weight": 100}]}, 422, "weight"),
+        (gen, {"prompt": "x" * 5000}, 413, "4096 bytes"),
+    ]
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    (root / "escape.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    (root / "weights.bin").write_bytes(b"pickle")
+    from safetensors.torch import save_file
+
+    save_file({"model.weight": torch.zeros(2)}, str(root / "not_lora.safetensors"))
+    save_file({"unet.conv_in.lora_A.weight": torch.zeros(512, 1024)}, str(root / "huge.safetensors"))
+    foreign = {"unet.mid_block.no_such.to_q.lora_A.weight": torch.zeros(4, 64)}
+    foreign["unet.mid_block.no_such.to_q.lora_B.weight"] = torch.zeros(64, 4)
+    save_file(foreign, str(root / "foreign.safetensors"))
+    reg = "/v1/adapters"
+    cases += [
+        (reg, {"path": "../style_a.safetensors"}, 400, "only from inside"),
+        (reg, {"path": str(tmp_path / "outside.safetensors")}, 400, "only from inside"),
+        (reg, {"path": "escape.safetensors"}, 400, "only from inside"),
+        (reg, {"path": "missing.safetensors"}, 400, "no such file"),
+        (reg, {"path": "weights.bin"}, 400, "only .safetensors"),
+        (reg, {"path": "notes.txt"}, 400, "only .safetensors"),
+        (reg, {"path": "not_lora.safetensors"}, 400, "not LoRA keys"),
+        (reg, {"path": "foreign.safetensors"}, 400, "do not exist in this UNet"),
+        (reg, {"path": "huge.safetensors"}, 413, "size limit"),
+        (reg, {"path": "style_a.safetensors"}, 409, "already registered"),
+        (reg, {"path": "style_a.safetensors", "name": "a/b"}, 422, "not allowed"),
+    ]
+    for path, body, status, fragment in cases:
+        r = client.post(path, json=body)
+        assert r.status_code == status, (body, r.status_code, r.text[:300])
+        assert fragment in r.text, (body, r.text[:300])
+    chunked = iter([b'{"prompt": "', b"x" * 5000, b'"}'])  # no content-length: counted as it arrives
+    r = client.post(gen, content=chunked, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "4096 bytes" in r.text
+    r = client.post(gen, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.text
+    assert client.delete("/v1/adapters/nope").status_code == 404
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+        for method, path in (
+            ("POST", gen),
+            ("GET", reg),
+            ("GET", "/metrics"),
+            ("DELETE", "/v1/adapters/style_a"),
+        ):
+            r = client.request(method, path, json=ok, headers=headers)
+            assert r.status_code == 401 and "bearer token" in r.text, (method, path, r.status_code)
+    assert client.get("/healthz", headers={"Authorization": ""}).status_code == 200
+    listed = client.get(reg).json()
+    assert {"style_a", "style_b", "style_b_kohya", "distilled"} <= {a["name"] for a in listed["data"]}
+    assert any("legacy.ckpt" in s["path"] for s in listed["skipped"])
+    assert (
+        metric(client, 'fastdiff_requests_total{method="POST",path="/v1/images/generations",status="422"}')
+        >= 17
+    )
+
+
+def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(server, assets, tmp_path):
+    client, _ = server
+    root = assets["root"]
+    shutil.copy(assets["b"]["diffusers"], root / "broken.safetensors")
+    assert client.post("/v1/adapters", json={"path": "broken.safetensors"}).status_code == 201
+    (root / "broken.safetensors").write_bytes(b"\x00" * 64)  # corrupted after registration
+    # an SD1.5 LoRA: the tiny SD1.5 and SDXL UNets share module names, so it registers, but its cross-attention
+    # projections have the wrong shapes for this base, which only loading finds out
+    random_lora("sd15", tmp_path / "sd15", seed=3)
+    shutil.copy(tmp_path / "sd15/pytorch_lora_weights.safetensors", root / "sd15_style.safetensors")
+    assert client.post("/v1/adapters", json={"path": "sd15_style.safetensors"}).status_code == 201
+    status_500 = 'fastdiff_requests_total{method="POST",path="/v1/images/generations",status="500"}'
+    failures = metric(client, status_500)
+    for name in ("broken", "sd15_style"):
+        r = client.post("/v1/images/generations", json={"prompt": "x", "adapters": [{"name": name}]})
+        assert r.status_code == 500, r.text
+        assert "generation failed" in r.text and f"adapter '{name}' could not be loaded" in r.text
+    assert metric(client, status_500) == failures + 2
+    assert client.get("/healthz").json()["status"] == "ok"
+    a = pixels(generate(client, adapters=[{"name": "style_a"}]))[0]
+    a_again = pixels(generate(client, adapters=[{"name": "style_a"}]))[0]
+    assert np.array_equal(a, a_again)
+    for name in ("broken", "sd15_style"):
+        assert client.delete(f"/v1/adapters/{name}").status_code == 204
+
+
+def test_kohya_lora_and_fastdiff_export_are_served_with_the_export_recipe(server, assets):
+    client, app = server
+    evictions = metric(client, "fastdiff_adapter_evictions_total")
+    # the same LoRA in kohya keys and in diffusers keys gives the same image
+    kohya = pixels(generate(client, adapters=[{"name": "style_b_kohya"}]))[0]
+    diffusers_keys = pixels(generate(client, adapters=[{"name": "style_b"}]))[0]
+    plain = pixels(generate(client))[0]
+    assert np.abs(kohya - diffusers_keys).max() <= 1 and np.abs(kohya - plain).max() > 20
+
+    # the export: its recipe (LCMScheduler, 4 steps at [999, 749, 499, 249], CFG 0, LoRA scale 0.8) applies
+    calls = []
+    hook = app.state.pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        served = generate(client, adapters=[{"name": "distilled"}], seed=3)
+        n_calls = len(calls)
+        two = generate(client, adapters=[{"name": "distilled"}], seed=3, steps=2)
+        n_calls_two = len(calls) - n_calls
+    finally:
+        hook.remove()
+    meta = served["fastdiff"]
+    assert meta["num_inference_steps"] == 4 and n_calls == 4  # no CFG: one UNet call per step
+    assert meta["scheduler"] == "LCMScheduler" and meta["guidance_scale"] == 0.0
+    assert meta["adapters"] == [{"name": "distilled", "weight": 0.8}]
+    assert (
+        two["fastdiff"]["num_inference_steps"] == 2 and n_calls_two == 2
+    )  # an LCM export may change its steps
+
+    # ... and equals the export sampled by plain diffusers as its model card says
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    export = assets["root"] / "distilled"
+    pipe = DiffusionPipeline.from_pretrained(assets["base"])
+    pipe.load_lora_weights(export / "lora", adapter_name="distilled")
+    pipe.set_adapters(["distilled"], [0.8])
+    pipe.scheduler = LCMScheduler.from_pretrained(export / "pipeline", subfolder="scheduler")
+    recipe = json.loads((export / "fastdiff.json").read_text())
+    ref = pipe("a red square", num_inference_steps=recipe["num_inference_steps"], guidance_scale=0.0,
+               generator=[torch.Generator().manual_seed(3)], output_type="np").images[0]  # fmt: skip
+    ref = (ref * 255).round().astype(int)
+    assert np.abs(pixels(served)[0] - ref).max() <= 1
+    assert np.abs(pixels(two)[0] - ref).max() > 5
+    assert metric(client, "fastdiff_adapter_evictions_total") > evictions  # cache of 2, three adapters used
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["data"]}
+    assert (
+        listed["distilled"]["kind"] == "fastdiff-export"
+        and listed["distilled"]["recipe"]["num_inference_steps"] == 4
+    )
+    assert listed["style_b_kohya"]["format"] == "kohya"
+    text = client.get("/metrics").text
+    for name in (
+        "fastdiff_generation_latency_seconds_bucket",
+        "fastdiff_queue_depth",
+        "fastdiff_adapter_loads_total",
+    ):
+        assert name in text
+
+
+def test_export_recipe_overrides_are_limited():
+    lcm = {"num_inference_steps": 4, "guidance_scale": 0.0, "timesteps": [999, 749, 499, 249], "scheduler": "LCMScheduler", "timesteps_derivable": True, "lora_scale": 1.0}  # fmt: skip
+    sched = {"num_train_timesteps": 1000, "original_inference_steps": 4}
+    a = Adapter("lcm", Path("x.safetensors"), "diffusers", Path("x"), 1, recipe=lcm, scheduler_config=sched)
+    s = sampling_for(a, None, None)
+    assert (s.num_inference_steps, s.guidance_scale, s.scheduler, s.timesteps) == (
+        4,
+        0.0,
+        "LCMScheduler",
+        None,
+    )
+    assert sampling_for(a, 2, 1.5).num_inference_steps == 2 and sampling_for(a, 2, 1.5).guidance_scale == 1.5
+    odd = {**lcm, "num_inference_steps": 2, "timesteps": [999, 333], "timesteps_derivable": False}
+    b = Adapter("odd", Path("x.safetensors"), "diffusers", Path("x"), 1, recipe=odd, scheduler_config=sched)
+    assert sampling_for(b, None, None).timesteps == (999, 333)  # passed explicitly
+    with pytest.raises(ValueError, match="sampled at \\[2\\] step"):
+        sampling_for(b, 4, None)
+    ddim = {**lcm, "scheduler": "DDIMScheduler", "sampler": "ddim", "recipes": {
+        "1": {"num_inference_steps": 1, "guidance_scale": 0.0, "scheduler": "TCDScheduler", "eta": 1.0},
+        "2": {"num_inference_steps": 2, "guidance_scale": 0.0, "scheduler": "DDIMScheduler", "timestep_spacing": "trailing"},
+    }}  # fmt: skip
+    c = Adapter("tscd", Path("x.safetensors"), "diffusers", Path("x"), 1, recipe=ddim, scheduler_config=sched)
+    one = sampling_for(c, 1, None)
+    assert (one.scheduler, one.eta) == ("TCDScheduler", 1.0)
+    with pytest.raises(ValueError, match="sampled at \\[1, 2, 4\\] step"):
+        sampling_for(c, 3, None)
+
+
+def test_cli_builds_the_serve_config(monkeypatch):
+    import fastdiff.serve.app as app_module
+    from fastdiff.cli import main
+
+    seen = []
+    monkeypatch.setattr(app_module, "serve", seen.append)
+    main(
+        [
+            "serve",
+            "--base",
+            "b",
+            "--adapters",
+            "a",
+            "--port",
+            "9000",
+            "--max-batch-images",
+            "1",
+            "--token",
+            "t",
+        ]
+    )
+    main(["serve", "--base", "b", "--adapters", "a", "--no-mix-adapters", "--batch-window-ms", "2.5"])
+    first, second = seen
+    assert (first.base, first.adapters, first.port, first.max_batch_images, first.token) == (
+        "b",
+        "a",
+        9000,
+        1,
+        "t",
+    )
+    assert first.mix_adapters and first.cache_size == ServeConfig.cache_size  # unset flags keep the defaults
+    assert not second.mix_adapters and second.batch_window_ms == 2.5 and second.token is None
+
+
+def test_bench_serve_tables_from_samples():
+    from fastdiff.eval.bench_serve import CLIENTS, aggregate, summarize
+
+    cell = aggregate([{"latencies": [0.1, 0.3], "batch_images": [1, 3], "seconds": 1.0}] * 2)
+    assert (cell["requests"], cell["images_per_s"], cell["p50_ms"], cell["mean_batch_images"]) == (
+        4,
+        2.0,
+        200.0,
+        2.0,
+    )
+    rows = [
+        {
+            "batching": b,
+            "adapters": a,
+            "clients": c,
+            "p50_ms": 100.0 * (1.1 if a == 4 else 1),
+            "images_per_s": 3.0 if b else 2.0,
+        }  # fmt: skip
+        for b in (True, False)
+        for a in (1, 4)
+        for c in CLIENTS
+    ]
+    s = summarize(rows)
+    assert set(s["alternating_p50_overhead"].values()) == {0.1}
+    assert set(s["micro_batching_throughput_gain"].values()) == {1.5}
