@@ -83,7 +83,7 @@ def make_plan(
         "shard_size": cfg.shard_size,
         "num_shards": -(-n // cfg.shard_size),
         "num_inference_steps": cfg.num_inference_steps,
-        "scheduler": {"class": type(scheduler).__name__, "config": _jsonable(dict(scheduler.config))},
+        "scheduler": {"class": type(scheduler).__name__, "config": _scheduler_config(scheduler)},
         "timesteps": scheduler.timesteps.float().tolist(),  # one record per UNet evaluation (PNDM: steps + 1)
         "w_min": cfg.w_min,
         "w_max": cfg.w_max,
@@ -93,8 +93,11 @@ def make_plan(
     }
 
 
-def _jsonable(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+def _scheduler_config(scheduler) -> dict:
+    """The scheduler's settings as JSON, without diffusers' bookkeeping keys (``_use_default_values`` is built
+    from a set: its order changes between processes, which would change the fingerprint)."""
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return json.loads(json.dumps(config, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 def fingerprint(plan: dict) -> str:

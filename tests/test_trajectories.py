@@ -160,3 +160,27 @@ def test_the_agd_trajectories_command_generates_then_resumes(tiny_teachers, tmp_
     with caplog.at_level("INFO", logger="fastdiff"):
         main(args)
     assert "0 shards generated, 2 already done" in caplog.text
+
+
+def test_the_plan_fingerprint_is_the_same_in_every_process(teacher):
+    """The plan keys the folder: it must not depend on hash randomisation (diffusers' config bookkeeping does)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fastdiff.config import AGDConfig; from fastdiff.teacher import Teacher; "
+        "from fastdiff.trajectories import fingerprint, make_plan; t = Teacher(sys.argv[1]); "
+        "c = AGDConfig(scheduler='DDIMScheduler'); print(fingerprint(make_plan(c, t, ['a'], None, t.resolution, 0)))"
+    )
+    prints = {
+        subprocess.run(
+            [sys.executable, "-c", code, teacher.path],
+            env={**os.environ, "PYTHONHASHSEED": str(seed), "HF_HUB_OFFLINE": "1"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[-1]
+        for seed in (1, 2, 3)
+    }
+    assert len(prints) == 1
