@@ -7,25 +7,27 @@ from .base import Group, Method
 METHODS = ("dmd2", "tscd", "sid", "agd")
 
 
+def _gan_wanted(section: str, setting: str, with_real_data: bool) -> bool:
+    """Resolve a ``gan: auto | on | off`` setting: auto means on exactly when real images are given."""
+    with_gan = {"on": True, "off": False, "auto": with_real_data}.get(setting)
+    if with_gan is None:
+        raise ValueError(f"{section}.gan must be auto, on or off, got {setting!r}")
+    if with_gan and not with_real_data:
+        raise ValueError(f"{section}.gan=on needs real images: set `dataset=<image folder>`")
+    return with_gan
+
+
 def build_method(cfg, teacher, latent_shape, with_real_data: bool) -> Method:
     """The method named by ``cfg.method``, built on ``teacher``."""
     if cfg.method == "dmd2":
         from .dmd2 import DMD2
 
-        with_gan = {"on": True, "off": False, "auto": with_real_data}.get(cfg.dmd2.gan)
-        if with_gan is None:
-            raise ValueError(f"dmd2.gan must be auto, on or off, got {cfg.dmd2.gan!r}")
-        if with_gan and not with_real_data:
-            raise ValueError("dmd2.gan=on needs real images: set `dataset=<image folder>`")
+        with_gan = _gan_wanted("dmd2", cfg.dmd2.gan, with_real_data)
         return DMD2.from_teacher(teacher, cfg.dmd2, latent_shape, with_gan)
     if cfg.method == "sid":
         from .sid import SiD
 
-        with_gan = {"on": True, "off": False, "auto": with_real_data}.get(cfg.sid.gan)
-        if with_gan is None:
-            raise ValueError(f"sid.gan must be auto, on or off, got {cfg.sid.gan!r}")
-        if with_gan and not with_real_data:
-            raise ValueError("sid.gan=on needs real images: set `dataset=<image folder>`")
+        with_gan = _gan_wanted("sid", cfg.sid.gan, with_real_data)
         return SiD.from_teacher(teacher, cfg.sid, latent_shape, with_gan, seed=cfg.seed)
     if cfg.method == "agd":
         from .agd import AGD

@@ -71,6 +71,16 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
+def optimizer_settings(section) -> dict:
+    """The AdamW settings every group of a method shares, read from its config section."""
+    return dict(
+        betas=tuple(section.betas),
+        weight_decay=section.weight_decay,
+        warmup_steps=section.warmup_steps,
+        max_grad_norm=section.max_grad_norm,
+    )
+
+
 def randn(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
     """Gaussian noise drawn on the generator's device, then moved (reproducible across devices)."""
     return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)

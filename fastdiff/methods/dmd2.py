@@ -20,7 +20,7 @@ from .. import schedule
 from ..config import DMD2Config
 from ..models.denoiser import CFG, Denoiser
 from . import losses, student
-from .base import Group, Method, randint, randn
+from .base import Group, Method, optimizer_settings, randint, randn
 
 
 class DMD2(Method):
@@ -67,12 +67,7 @@ class DMD2(Method):
 
     def groups(self) -> list[Group]:
         c = self.cfg
-        common = dict(
-            betas=tuple(c.betas),
-            weight_decay=c.weight_decay,
-            warmup_steps=c.warmup_steps,
-            max_grad_norm=c.max_grad_norm,
-        )
+        common = optimizer_settings(c)
         return [
             Group(
                 "generator",

@@ -56,7 +56,7 @@ from .. import schedule
 from ..config import SiDConfig
 from ..models.denoiser import Cond, Denoiser, cat_conds
 from . import losses, student
-from .base import Group, Method, randint, randn
+from .base import Group, Method, optimizer_settings, randint, randn
 
 GUIDANCE = ("cfg", "lsg", "zero_cfg", "anti_cfg")
 WEIGHTINGS = ("mean_abs", "snr")
@@ -231,12 +231,7 @@ class SiD(Method):
 
     def groups(self) -> list[Group]:
         c = self.cfg
-        common = dict(
-            betas=tuple(c.betas),
-            weight_decay=c.weight_decay,
-            warmup_steps=c.warmup_steps,
-            max_grad_norm=c.max_grad_norm,
-        )
+        common = optimizer_settings(c)
         return [
             Group("critic", self._critic_params, c.fake_lr, 1, **common),
             Group("generator", self._generator_params, c.generator_lr, 1, ema_decay=c.ema_decay, **common),

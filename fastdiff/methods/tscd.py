@@ -38,7 +38,7 @@ from .. import schedule
 from ..config import TSCDConfig
 from ..models.denoiser import CFG, Denoiser
 from . import losses
-from .base import Group, Method, randint, randn
+from .base import Group, Method, optimizer_settings, randint, randn
 
 
 # --- the solver and its segments (pure functions) ------------------------------------------------------------
@@ -162,12 +162,7 @@ class TSCD(Method):
 
     def groups(self) -> list[Group]:
         c = self.cfg
-        common = dict(
-            betas=tuple(c.betas),
-            weight_decay=c.weight_decay,
-            warmup_steps=c.warmup_steps,
-            max_grad_norm=c.max_grad_norm,
-        )
+        common = optimizer_settings(c)
         groups = [Group("student", self._student_params, c.lr, ema_decay=c.ema_decay, **common)]
         if c.adversarial_weight:
             head = {f"head.{n}": p for n, p in self.head.named_parameters()}
