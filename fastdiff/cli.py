@@ -74,21 +74,32 @@ def _bench(args) -> None:
     if args.gmm:
         from .eval.bench_gmm import run as run_gmm
 
-        run_gmm(args.out or "bench-gmm", n=args.n)
+        run_gmm(args.out or "bench-gmm", n=args.n, methods=args.gmm_methods.split(","))
         return
     teacher = args.teacher or str(DIGITS_TEACHER)
-    w = args.guidance_scale if args.guidance_scale is not None else teacher_guidance(Path(teacher))
+    given = [float(x) for x in args.guidance_scale.split(",")] if args.guidance_scale else []
     steps = [int(s) for s in args.teacher_steps.split(",") if s]
-    systems = bench_quality.teacher_systems(teacher, w, steps)
-    if args.export_steps:  # every export at each step count, rows named by folder
-        counts = [int(x) for x in args.export_steps.split(",")]
-        systems += [
-            bench_quality.export_system(e, name=f"{Path(e).name}-{k}", steps=k)
-            for e in args.export
-            for k in counts
-        ]
-    else:
-        systems += [bench_quality.export_system(e) for e in args.export]
+    systems = []
+    for w in given or [teacher_guidance(Path(teacher))]:
+        rows = bench_quality.teacher_systems(teacher, w, steps)
+        for r in rows if len(given) > 1 else []:  # several scales: name the rows by w
+            r.name += f"-w{w:g}"
+        systems += rows
+    counts = [int(x) for x in args.export_steps.split(",")] if args.export_steps else [None]
+    scales = [float(x) for x in args.export_guidance.split(",")] if args.export_guidance else [None]
+    for e in args.export:  # every export at each step count and guidance scale, rows named by folder
+        for k in counts:
+            for g in scales:
+                name = None if k is None and g is None else Path(e).name + (f"-{k}" if k else "")
+                name = name and name + (f"-w{g:g}" if g is not None else "")
+                systems.append(bench_quality.export_system(e, name=name, steps=k, guidance_scale=g))
+    if args.stack and len(args.stack) != 2:
+        raise SystemExit("--stack takes AGD_EXPORT STUDENT_EXPORT")
+    for k in counts if args.stack else []:
+        for g in scales:
+            if k is None or g is None:
+                raise SystemExit("--stack needs --export-steps and --export-guidance")
+            systems.append(bench_quality.stacked_system(*args.stack, steps=k, guidance_scale=g))
     bench_quality.run(systems, args.out or "bench", n=args.n, batch=args.batch)
 
 
@@ -159,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=9.0, help="serve: seconds of load per table cell")
     p.add_argument("--teacher", help="quality: teacher pipeline folder (default: the bundled digits teacher)")
     p.add_argument(
-        "--guidance-scale", type=float, help="quality: the teacher's CFG (default: its recommended)"
+        "--guidance-scale",
+        help="quality: the teacher's CFG, or a comma list of scales (default: its recommended)",
     )
     p.add_argument("--teacher-steps", default="1,2,4,8,25", help="quality: teacher rows (DDIM, trailing)")
     p.add_argument(
@@ -169,11 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--export-steps",
         help="quality: comma list of step counts to run each export at (default: its recipe's)",
     )
+    p.add_argument(
+        "--export-guidance",
+        help="quality: comma list of guidance scales to run each export at (AGD exports take any w)",
+    )
+    p.add_argument(
+        "--stack",
+        nargs=2,
+        metavar=("AGD_EXPORT", "STUDENT_EXPORT"),
+        help="quality: AGD's adapters on a step-distilled student LoRA, at each --export-steps x --export-guidance",
+    )
     p.add_argument("--n", type=int, default=1000, help="quality: images per system")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument(
         "--gmm", action="store_true", help="quality: the analytic Gaussian-mixture teacher instead"
     )
+    p.add_argument("--gmm-methods", default="dmd2,sid", help="quality --gmm: students to train (dmd2, sid)")
     p.set_defaults(fn=_bench)
 
     p = sub.add_parser("demo", help="distil the bundled digits teacher, export, sample and benchmark")

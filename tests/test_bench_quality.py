@@ -44,3 +44,58 @@ def test_bad_inputs(tiny_teachers, tmp_path):
             n=4,
             classifier=tmp_path / "no-classifier",
         )
+
+
+def _recipe(folder, **recipe):
+    folder.mkdir()
+    (folder / "fastdiff.json").write_text(json.dumps(recipe))
+    return str(folder)
+
+
+def test_agd_stacked_on_a_student_lora_takes_the_students_sampler_and_one_call_per_step(tmp_path):
+    agd = _recipe(tmp_path / "agd", method="agd", num_inference_steps=25, guidance_scale=2.0)
+    per_step = {"num_inference_steps": 2, "guidance_scale": 0.0, "scheduler": "DDIMScheduler"}
+    student = _recipe(
+        tmp_path / "tscd",
+        method="tscd",
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        lora="lora/pytorch_lora_weights.safetensors",
+        recipes={"2": {**per_step, "timestep_spacing": "trailing"}},
+    )
+    (tmp_path / "tscd" / "pipeline" / "scheduler").mkdir(parents=True)
+    saved = {"_class_name": "DDIMScheduler", "set_alpha_to_one": True, "timestep_spacing": "leading"}
+    (tmp_path / "tscd" / "pipeline" / "scheduler" / "scheduler_config.json").write_text(json.dumps(saved))
+    s = bench_quality.export_system(agd, guidance_scale=3.0)  # an AGD export at any w
+    assert s.guidance_scale == 3.0 and "guidance_scale" not in s.extra and s.steps == 25
+    s = bench_quality.stacked_system(agd, student, steps=2, guidance_scale=1.5)
+    assert (s.name, s.method, s.steps, s.guidance_scale) == ("agd+tscd-2-w1.5", "agd+tscd", 2, 1.5)
+    assert s.pipeline == str(tmp_path / "agd" / "pipeline")
+    # the student's saved scheduler config, its per-step options on top
+    assert s.scheduler == {"class": "DDIMScheduler", "timestep_spacing": "trailing", "set_alpha_to_one": True}
+    assert s.lora == str(tmp_path / "tscd" / "lora" / "pytorch_lora_weights.safetensors")
+    assert bench_quality.nfe(s) == 2  # AGD's guidance needs no second UNet call
+    full = _recipe(tmp_path / "dmd2", method="dmd2", num_inference_steps=1, guidance_scale=0.0)
+    with pytest.raises(ValueError, match="no LoRA"):
+        bench_quality.stacked_system(agd, full, steps=1, guidance_scale=1.5)
+    with pytest.raises(ValueError, match="not an AGD export"):
+        bench_quality.stacked_system(student, student, steps=2, guidance_scale=1.5)
+
+
+def test_gmm_bench_refuses_unknown_students(tmp_path):
+    from fastdiff.eval.bench_gmm import run
+
+    with pytest.raises(ValueError, match="unknown GMM bench methods"):
+        run(tmp_path, methods=["dmd2", "nope"])
+
+
+def test_cli_rows_per_guidance_scale(tiny_teachers, tmp_path):
+    from fastdiff.cli import main
+
+    args = ["bench", "quality", "--teacher", tiny_teachers["sdxl"], "--teacher-steps", "1", "--n", "4"]
+    main([*args, "--guidance-scale", "1.5,2", "--batch", "4", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["system"], r["guidance_scale"]) for r in rows] == [
+        ("teacher-1-w1.5", 1.5),
+        ("teacher-1-w2", 2.0),
+    ]

@@ -1,7 +1,7 @@
 """``fastdiff bench quality --gmm``: the analytic Gaussian-mixture teacher, where quality is exact.
 
-Rows: the exact teacher sampled with DDIM at 1, 2, 4, 8, 25 steps, and a 1-step DMD2 student (an MLP) trained with
-the real DMD2 method and Trainer. Metrics: exact NLL next to the NLL of true samples, mode coverage, per-mode weight
+Rows: the exact teacher sampled with DDIM at 1, 2, 4, 8, 25 steps, a 1-step DMD2 student (an MLP) trained with
+the real DMD2 method and Trainer, and SiD students (1-step, and K=4 at each k; set-ups in ``sid_gmm``). Metrics: exact NLL next to the NLL of true samples, mode coverage, per-mode weight
 error, sliced W2. tests/methods/test_dmd2_gmm.py asserts on the same set-up. Why each choice:
 
 - **Problem.** 4 classes x 2 modes in 2-D, std 0.3, mildly non-uniform weights (as ``GMM.random``). Modes on a
@@ -167,12 +167,38 @@ def teacher_sample(gmm: GMM, labels: torch.Tensor, steps: int, seed: int = 1234)
     return x
 
 
-def run(out: str | Path, n: int = 20000, steps=(1, 2, 4, 8, 25), train_steps: int = 6000) -> list[dict]:
-    """Teacher rows and a DMD2 1-step row on the analytic GMM; writes bench.json and bench.md to ``out``."""
+def student_row(name: str, method: str, k: int, report: dict, seconds: float) -> dict:
+    return {
+        "system": name,
+        "method": method,
+        "steps": k,
+        "nfe": k,
+        **report,
+        "latency_ms": None,
+        "train_seconds": seconds,
+    }
+
+
+METHODS = ("dmd2", "sid")
+
+
+def run(
+    out: str | Path,
+    n: int = 20000,
+    steps=(1, 2, 4, 8, 25),
+    train_steps: int = 6000,
+    methods=METHODS,
+) -> list[dict]:
+    """Teacher rows and student rows on the analytic GMM: DMD2 1-step, SiD 1-step and SiD K=4 at each k
+    (``eval/sid_gmm.py``'s set-ups); writes bench.json and bench.md to ``out``."""
+    from . import sid_gmm
     from .bench_quality import write
 
     if n <= 0:
         raise ValueError(f"the number of samples must be positive, got {n}")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown GMM bench methods {sorted(unknown)}; known: {list(METHODS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gmm = paired_gmm()
@@ -194,20 +220,17 @@ def run(out: str | Path, n: int = 20000, steps=(1, 2, 4, 8, 25), train_steps: in
                 "train_seconds": None,
             }
         )
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:  # the trainer's checkpoint is not part of the result
-        report = train_and_evaluate(tmp, max_steps=train_steps, per_class=per_class)
-    rows.append(
-        {
-            "system": "dmd2-1",
-            "method": "dmd2",
-            "steps": 1,
-            "nfe": 1,
-            **report,
-            "latency_ms": None,
-            "train_seconds": time.perf_counter() - t0,
-        }
-    )
+    if "dmd2" in methods:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:  # the trainer's checkpoint is not part of the result
+            report = train_and_evaluate(tmp, max_steps=train_steps, per_class=per_class)
+        rows.append(student_row("dmd2-1", "dmd2", 1, report, time.perf_counter() - t0))
+    if "sid" in methods:
+        for K in (1, 4):  # a one-step student, and one generator for k = 1..4 steps (the uniform mixture)
+            t0 = time.perf_counter()
+            reports = sid_gmm.train_and_evaluate(num_steps=K, per_class=per_class)
+            seconds = time.perf_counter() - t0
+            rows += [student_row(f"sid-K{K}-{k}", "sid", k, r, seconds) for k, r in reports.items()]
     write(rows, out)
     print((out / "bench.md").read_text())
     return rows

@@ -35,6 +35,9 @@ class System:
     scheduler: str | dict | None = None
     extra: dict | None = None
     train_seconds: float | None = None
+    lora: str | None = (
+        None  # a LoRA folder loaded on top (e.g. a step-distilled student under AGD's adapters)
+    )
 
 
 def teacher_systems(teacher: str, guidance_scale: float, steps=TEACHER_STEPS) -> list[System]:
@@ -58,7 +61,8 @@ def export_system(
     kw.pop("num_inference_steps")
     if per_step is not None and "eta" in per_step:
         kw["eta"] = per_step["eta"]
-    g = kw.pop("guidance_scale") if guidance_scale is None else guidance_scale
+    g = kw.pop("guidance_scale")
+    g = g if guidance_scale is None else guidance_scale
     return System(
         name or f"{recipe['method']}-{n}",
         recipe["method"],
@@ -71,6 +75,33 @@ def export_system(
     )
 
 
+def stacked_system(agd_export: str, student_export: str, steps: int, guidance_scale: float) -> System:
+    """AGD's adapters guiding a step-distilled student LoRA: the student's LoRA and per-step sampler (scheduler,
+    steps, eta) under the AGD pipeline at guidance ``w`` (one UNet call per step)."""
+    student = export_system(student_export, steps=steps)
+    recipe = read_recipe(student_export)
+    if not recipe.get("lora"):
+        raise ValueError(f"{student_export} has no LoRA to stack under AGD's adapters (a full-weight export)")
+    if read_recipe(agd_export)["method"] != "agd":
+        raise ValueError(f"{agd_export} is not an AGD export")
+    # the student's own scheduler config (e.g. set_alpha_to_one), then its per-step options on top
+    saved = Path(student_export) / "pipeline" / "scheduler" / "scheduler_config.json"
+    config = json.loads(saved.read_text()) if saved.is_file() else {}
+    scheduler = {k: v for k, v in config.items() if not k.startswith("_")}
+    if student.scheduler:
+        scheduler.update(student.scheduler)
+    return System(
+        f"agd+{Path(student_export).name}-{steps}-w{guidance_scale:g}",
+        f"agd+{recipe['method']}",
+        str(Path(agd_export) / "pipeline"),
+        steps,
+        guidance_scale,
+        scheduler=scheduler or None,
+        extra=student.extra,
+        lora=str(Path(student_export) / recipe["lora"]),
+    )
+
+
 def _load(system: System):
     from diffusers import DDIMScheduler
 
@@ -79,6 +110,8 @@ def _load(system: System):
     # a standard pipeline, or a custom one (AGD's adapter guidance) through fastdiff's own class
     pipe = load_pipeline(system.pipeline, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
+    if system.lora:
+        pipe.load_lora_weights(system.lora)
     if system.scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(
             pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False
@@ -119,7 +152,8 @@ def sample(
 
 
 def nfe(system: System) -> int:
-    cfg = system.guidance_scale > 1 and system.method != "agd"  # AGD: guidance without a second UNet call
+    # AGD: guidance without a second UNet call
+    cfg = system.guidance_scale > 1 and not system.method.startswith("agd")
     return system.steps * (2 if cfg else 1)
 
 
