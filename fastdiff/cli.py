@@ -90,11 +90,9 @@ def _bench(args) -> None:
     for e in args.export:  # every export at each step count and guidance scale, rows named by folder
         for k in counts:
             for g in scales:
-                name = None if k is None and g is None else Path(e).name + (f"-{k}" if k else "")
-                name = name and name + (f"-w{g:g}" if g is not None else "")
+                suffix = (f"-{k}" if k else "") + (f"-w{g:g}" if g is not None else "")
+                name = Path(e).name + suffix if suffix else None  # None: the export's own name
                 systems.append(bench_quality.export_system(e, name=name, steps=k, guidance_scale=g))
-    if args.stack and len(args.stack) != 2:
-        raise SystemExit("--stack takes AGD_EXPORT STUDENT_EXPORT")
     for k in counts if args.stack else []:
         for g in scales:
             if k is None or g is None:

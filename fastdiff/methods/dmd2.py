@@ -57,9 +57,7 @@ class DMD2(Method):
         self.student_timesteps = list(cfg.student_timesteps)
         self.num_train_timesteps = num_train_timesteps
         self._generator_params = generator_params
-        self._critic_params = dict(fake_params)
-        if head is not None:
-            self._critic_params.update({f"head.{n}": p for n, p in head.named_parameters()})
+        self._critic_params = student.critic_params(fake_params, head)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

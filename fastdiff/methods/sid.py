@@ -213,9 +213,7 @@ class SiD(Method):
         self.num_train_timesteps = num_train_timesteps
         self.student_timesteps = step_timesteps(cfg.num_steps, cfg.init_timestep)
         self._generator_params = generator_params
-        self._critic_params = dict(fake_params)
-        if head is not None:
-            self._critic_params.update({f"head.{n}": p for n, p in head.named_parameters()})
+        self._critic_params = student.critic_params(fake_params, head)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

@@ -41,3 +41,11 @@ def gan_logits(fake_score, head, x: torch.Tensor, cond, generator: torch.Generat
     t = randint(0, num_train_timesteps, x.shape[0], generator, x.device)
     x_t = schedule.add_noise(x, randn(x.shape, generator, x.device), t, fake_score.alphas_cumprod)
     return head(fake_score.mid_features(x_t, t, cond))
+
+
+def critic_params(fake_params: dict, head) -> dict:
+    """The critic group's parameters: the fake score's, plus the GAN head's (prefixed ``head.``) when there is one."""
+    params = dict(fake_params)
+    if head is not None:
+        params.update({f"head.{n}": p for n, p in head.named_parameters()})
+    return params
