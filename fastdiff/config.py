@@ -57,6 +57,7 @@ class DMD2Config:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     warmup_steps: int = 500
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine (to 0 at max_steps)
     max_grad_norm: float = 10.0
     gan: str = "auto"  # auto (on when a dataset of real images is given) | on | off
     gan_generator_weight: float = 5e-3  # λ_G (SDXL 5e-3, SD1.5 1e-3)
@@ -81,6 +82,7 @@ class TSCDConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-3
     warmup_steps: int = 500
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine (to 0 at max_steps)
     max_grad_norm: float = 1.0
     target_ema_decay: float = 0.95  # full mode: the target network is an EMA of the student (LCM)
     ema_decay: float | None = None  # the trainer's EMA of the student weights, for export
@@ -120,6 +122,7 @@ class SiDConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam, as the reference
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine (to 0 at max_steps)
     max_grad_norm: float | None = None  # the reference clips only in fp16
     gan: str = "auto"  # auto (on when a dataset of real images is given) | on | off
     gan_generator_weight: float = 5e-3  # λ_G (DMD2's SDXL weights; the head is DMD2's)
@@ -193,6 +196,9 @@ class TrainConfig:
     prompts: str | None = None  # .txt / .jsonl prompt file (data-free methods need only prompts)
     dataset: str | None = (
         None  # image+caption folder or local HF datasets folder (real images: DMD2's GAN term)
+    )
+    cache_latents: bool = (
+        False  # keep each real image's VAE posterior (mean, std) in memory after its first use
     )
     max_consecutive_nonfinite: int = 5  # this many non-finite losses in a row stop the run
     export: bool = True  # export pipeline/ + lora/ + fastdiff.json at the end

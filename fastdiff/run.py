@@ -22,6 +22,19 @@ def make_batch_fn(cfg: TrainConfig, teacher, resolution: int, prompts, dataset, 
 
     n_items = len(dataset) if dataset is not None else len(prompts)
     accum = cfg.gradient_accumulation_steps
+    posteriors: dict[int, tuple] = {}  # cache_latents: dataset index -> VAE posterior (mean, std)
+
+    def real_latents(idx, items, generator):
+        if not cfg.cache_latents:
+            return teacher.encode_images(
+                torch.stack([it["pixel_values"] for it in items]), generator=generator
+            )
+        new = [(i, it) for i, it in zip(idx, items) if i not in posteriors]
+        if new:
+            mean, std = teacher.latent_posterior(torch.stack([it["pixel_values"] for _, it in new]))
+            posteriors.update({i: (m, s) for (i, _), m, s in zip(new, mean, std)})
+        mean, std = (torch.stack([posteriors[i][k] for i in idx]) for k in (0, 1))
+        return teacher.sample_latents(mean, std, generator=generator)
 
     def batch_fn(step: int, micro: int, generator: torch.Generator) -> dict:
         idx = sample_indices(n_items, cfg.train_batch_size, step * accum + micro, cfg.seed, rank, world_size)
@@ -29,8 +42,7 @@ def make_batch_fn(cfg: TrainConfig, teacher, resolution: int, prompts, dataset, 
         if dataset is not None:
             items = [dataset[i] for i in idx]
             texts = [it["prompt"] for it in items]
-            pixels = torch.stack([it["pixel_values"] for it in items])
-            real = teacher.encode_images(pixels, generator=generator)
+            real = real_latents(idx, items, generator)
         else:
             texts = [prompts[i] for i in idx]
         return {"cond": teacher.encode(texts, resolution), "real": real, "prompts": texts}

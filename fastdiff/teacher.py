@@ -177,9 +177,18 @@ class Teacher:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> scaled latents (a sample of the VAE posterior)."""
-        vae = self.vae
-        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        z = dist.sample(generator=generator).float()
-        if getattr(vae.config, "shift_factor", None):
-            z = z - vae.config.shift_factor
-        return z * vae.config.scaling_factor
+        return self.sample_latents(*self.latent_posterior(pixels), generator=generator)
+
+    @torch.no_grad()
+    def latent_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> the VAE posterior's (mean, std), unscaled: what ``cache_latents`` keeps."""
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def sample_latents(self, mean, std, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A scaled latent drawn from the posterior N(mean, std²)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        z = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor

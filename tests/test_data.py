@@ -260,3 +260,26 @@ def test_sample_indices_uneven_epoch_pads_and_resumes():
     assert [next(it) for _ in range(3)] == [sample_indices(n, bs, s, 0, 1, ws) for s in (5, 6, 7)]
     with pytest.raises(ValueError):
         sample_indices(n, bs, 0, 0, rank=2, world_size=2)
+
+
+def test_cache_latents_batches_equal_uncached_ones():
+    """``cache_latents`` keeps each image's VAE posterior: batches are identical to encoding every step."""
+    from fastdiff.config import TrainConfig
+    from fastdiff.data import DigitsDataset
+    from fastdiff.demo import DIGITS_TEACHER
+    from fastdiff.run import make_batch_fn
+    from fastdiff.teacher import Teacher
+
+    teacher, data = Teacher(str(DIGITS_TEACHER)), DigitsDataset()
+    fns = {
+        c: make_batch_fn(TrainConfig(train_batch_size=8, cache_latents=c), teacher, 32, None, data, 0, 1)
+        for c in (False, True)
+    }
+    calls = []
+    encode = teacher.vae.encode
+    teacher.vae.encode = lambda x: calls.append(len(x)) or encode(x)
+    for step in (0, 1, 0):  # step 0 again: served from the cache
+        a, b = (fns[c](step, 0, torch.Generator().manual_seed(step)) for c in (False, True))
+        assert a["prompts"] == b["prompts"]
+        torch.testing.assert_close(a["real"], b["real"])
+    assert calls == [8, 8, 8, 8, 8]  # uncached: every step; cached: steps 0 and 1 only

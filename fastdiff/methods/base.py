@@ -71,13 +71,16 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
-def optimizer_settings(section) -> dict:
-    """The AdamW settings every group of a method shares, read from its config section."""
+def optimizer_settings(section, where: str) -> dict:
+    """The AdamW settings every group of a method shares, read from its config section (named ``where``)."""
+    if section.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"{where}.lr_schedule must be constant or cosine, got {section.lr_schedule!r}")
     return dict(
         betas=tuple(section.betas),
         weight_decay=section.weight_decay,
         warmup_steps=section.warmup_steps,
         max_grad_norm=section.max_grad_norm,
+        lr_schedule=section.lr_schedule,
     )
 
 

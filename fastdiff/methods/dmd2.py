@@ -65,7 +65,7 @@ class DMD2(Method):
 
     def groups(self) -> list[Group]:
         c = self.cfg
-        common = optimizer_settings(c)
+        common = optimizer_settings(c, "dmd2")
         return [
             Group(
                 "generator",

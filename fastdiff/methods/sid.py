@@ -229,7 +229,7 @@ class SiD(Method):
 
     def groups(self) -> list[Group]:
         c = self.cfg
-        common = optimizer_settings(c)
+        common = optimizer_settings(c, "sid")
         return [
             Group("critic", self._critic_params, c.fake_lr, 1, **common),
             Group("generator", self._generator_params, c.generator_lr, 1, ema_decay=c.ema_decay, **common),

@@ -162,7 +162,7 @@ class TSCD(Method):
 
     def groups(self) -> list[Group]:
         c = self.cfg
-        common = optimizer_settings(c)
+        common = optimizer_settings(c, "tscd")
         groups = [Group("student", self._student_params, c.lr, ema_decay=c.ema_decay, **common)]
         if c.adversarial_weight:
             head = {f"head.{n}": p for n, p in self.head.named_parameters()}

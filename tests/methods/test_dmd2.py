@@ -141,3 +141,12 @@ def test_gan_features_stop_the_unet_after_its_mid_block(tiny_teachers):
     assert all(p.grad is not None for p in method.head.parameters())
     # the adapter context was restored although the forward stopped early
     assert fake(x, ts, cond).shape == x.shape
+
+
+def test_lr_schedule_reaches_the_groups_and_bad_values_name_the_key():
+    acp = scaled_linear_alphas_cumprod()
+    gen = Recorder(acp)
+    groups = DMD2(gen, gen, gen, DMD2Config(lr_schedule="cosine"), (3,), {"w": gen.w}, {}).groups()
+    assert [g.lr_schedule for g in groups] == ["cosine", "cosine"]
+    with pytest.raises(ValueError, match=r"dmd2\.lr_schedule must be constant or cosine, got 'linear'"):
+        DMD2(gen, gen, gen, DMD2Config(lr_schedule="linear"), (3,), {"w": gen.w}, {}).groups()
