@@ -197,8 +197,9 @@ class TrainConfig:
     dataset: str | None = (
         None  # image+caption folder or local HF datasets folder (real images: DMD2's GAN term)
     )
-    cache_latents: bool = (
-        False  # keep each real image's VAE posterior (mean, std) in memory after its first use
+    cache_latents: bool = False  # keep each real image's VAE posterior (mean, std) in memory after first use
+    cpu_threads: int | None = (
+        None  # CPU torch threads per process; 0 = cores / processes; None = the launcher's
     )
     max_consecutive_nonfinite: int = 5  # this many non-finite losses in a row stop the run
     export: bool = True  # export pipeline/ + lora/ + fastdiff.json at the end

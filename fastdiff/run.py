@@ -71,6 +71,16 @@ def make_validate_fn(cfg: TrainConfig, method, teacher, resolution, latent_shape
     return validate
 
 
+def cpu_threads(setting: int | None, num_processes: int) -> int | None:
+    """The torch thread count the ``cpu_threads`` config asks for (None: leave it as it is; note that
+    ``accelerate launch`` without a config gives each process one thread)."""
+    if setting is None:
+        return None
+    if setting < 0:
+        raise ValueError(f"cpu_threads must be >= 0 (0: all cores), got {setting}")
+    return setting or max(1, len(os.sched_getaffinity(0)) // num_processes)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run one distillation from its config; returns the output folder."""
     from accelerate.state import AcceleratorState
@@ -85,6 +95,9 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     AcceleratorState._reset_state()  # a second run in one process may use another precision (keeps the process group)
     accelerator = make_accelerator(cfg)
+    threads = cpu_threads(cfg.cpu_threads, accelerator.num_processes)
+    if threads and accelerator.device.type == "cpu":
+        torch.set_num_threads(threads)
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s"
     )

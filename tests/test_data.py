@@ -283,3 +283,18 @@ def test_cache_latents_batches_equal_uncached_ones():
         assert a["prompts"] == b["prompts"]
         torch.testing.assert_close(a["real"], b["real"])
     assert calls == [8, 8, 8, 8, 8]  # uncached: every step; cached: steps 0 and 1 only
+
+
+def test_cpu_threads_setting():
+    import os
+
+    from fastdiff.run import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(None, 1) is None  # leave the launcher's choice
+    assert cpu_threads(3, 2) == 3
+    assert (
+        cpu_threads(0, 1) == cores and cpu_threads(0, 10 * cores) == 1
+    )  # all cores, shared by the processes
+    with pytest.raises(ValueError, match="cpu_threads must be >= 0"):
+        cpu_threads(-1, 1)

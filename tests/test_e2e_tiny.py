@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastdiff.config import load_config
-from fastdiff.run import load_checkpoint_method, train
+from fastdiff.run import cpu_threads, load_checkpoint_method, train
 from fastdiff.schedule import ddim_timesteps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,6 +233,8 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
         ],
     )
     train(cfg)
+    if cfg.cpu_threads is not None:  # the digits recipes use every core even under plain `accelerate launch`
+        assert torch.get_num_threads() == cpu_threads(cfg.cpu_threads, 1)
     recipe_out = json.loads((tmp_path / "fastdiff.json").read_text())
     method_cfg = getattr(cfg, cfg.method)
     if cfg.method == "sid":  # one generator for 1..K steps, each on its own grid, derived by one scheduler
