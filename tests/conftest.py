@@ -18,10 +18,18 @@ def tiny_teachers(tmp_path_factory):
     return {fam: str(save_tiny(fam, root / fam)) for fam in ("sdxl", "sd15")}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
-    """Tiny convs run far faster on one thread than on two contended ones (a shared 2-core machine); every test
-    starts on one thread, even after a run whose config set ``cpu_threads``."""
+    """Tiny convs run far faster on one thread than on two contended ones (a shared 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _back_to_one_thread():
+    """Every test starts on one thread, even after a run whose config set ``cpu_threads``."""
     torch.set_num_threads(1)
     yield
 
