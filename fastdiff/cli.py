@@ -107,9 +107,11 @@ def _demo(args) -> None:
     from .demo import demo
 
     # measured alone on 2 CPU cores: 0.52 s/it with 2 threads, 0.73 with 1 (with other jobs on the cores, 1 is better)
-    if args.threads:
+    overrides = list(args.overrides)
+    if args.threads:  # the bench too; training follows the recipe's cpu_threads, so override that as well
         torch.set_num_threads(args.threads)
-    demo(args.output_dir, method=args.method, n=args.n, overrides=args.overrides)
+        overrides.insert(0, f"cpu_threads={args.threads}")
+    demo(args.output_dir, method=args.method, n=args.n, overrides=overrides)
 
 
 def _serve(args) -> None:

@@ -71,3 +71,19 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
+
+
+def test_demo_threads_reach_the_recipe(monkeypatch, tmp_path):
+    import fastdiff.demo
+
+    seen = {}
+    monkeypatch.setattr(
+        fastdiff.demo, "demo", lambda out, method, n, overrides: seen.update(overrides=overrides)
+    )
+    main(["demo", "--output-dir", str(tmp_path), "--threads", "1", "max_steps=2"])
+    assert seen["overrides"] == [
+        "cpu_threads=1",
+        "max_steps=2",
+    ]  # the digits recipes' cpu_threads: 0 would win
+    main(["demo", "--output-dir", str(tmp_path), "max_steps=2"])
+    assert seen["overrides"] == ["max_steps=2"]  # default: the recipe's own setting (all cores)
