@@ -29,7 +29,7 @@ from torch import nn
 from ..config import AGDConfig
 from ..models.adapters import GuidanceAdapters
 from ..models.denoiser import Denoiser, cat_conds
-from .base import Group, Method
+from .base import Group, Method, optimizer_settings
 
 
 # --- the teacher's guided trajectories (pure given the networks) -----------------------------------------------
@@ -173,19 +173,7 @@ class AGD(Method):
     def groups(self) -> list[Group]:
         c = self.cfg
         params = {n: p for n, p in self.adapters.named_parameters()}
-        return [
-            Group(
-                "adapters",
-                params,
-                c.lr,
-                betas=tuple(c.betas),
-                weight_decay=c.weight_decay,
-                warmup_steps=c.warmup_steps,
-                max_grad_norm=c.max_grad_norm,
-                ema_decay=c.ema_decay,
-                lr_schedule=c.lr_schedule,
-            )
-        ]
+        return [Group("adapters", params, c.lr, ema_decay=c.ema_decay, **optimizer_settings(c, "agd"))]
 
     def guided(self, x_t, t, cond, w, negative=None) -> torch.Tensor:
         """One forward of the adapter-guided network: its native prediction at guidance scale w (number or [n]),
@@ -272,5 +260,4 @@ def check_config(cfg: AGDConfig) -> None:
         raise ValueError(
             f"agd.trajectory_dtype must be float32, float16 or bfloat16, got {cfg.trajectory_dtype!r}"
         )
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"agd.lr_schedule must be constant or cosine, got {cfg.lr_schedule!r}")
+    optimizer_settings(cfg, "agd")  # checks lr_schedule before the trajectory stage
