@@ -151,7 +151,7 @@ def export(
         train_seconds: wall time of the training run, recorded in fastdiff.json.
     """
     if getattr(method, "name", None) == "agd":  # adapters on the frozen teacher: an adapter-guidance pipeline
-        from .export_agd import export_agd
+        from .methods.agd.export import export_agd
 
         return export_agd(method, teacher, config, out_dir, prompts, train_seconds)
     from diffusers import DiffusionPipeline

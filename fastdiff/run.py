@@ -111,7 +111,7 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError("no training prompts: set `prompts=<file.txt|.jsonl>` or `dataset=<image folder>`")
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.method == "agd":  # stage 1: the teacher's CFG trajectories (resumable), before the adapters attach
-        from .trajectories import prepare, trajectory_batch_fn
+        from .methods.agd.trajectories import prepare, trajectory_batch_fn
 
         t0 = time.perf_counter()
         store = prepare(cfg, teacher, resolution, rank, world, accelerator.wait_for_everyone)
@@ -180,8 +180,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, teacher: str 
 
 def agd_trajectories(cfg: TrainConfig):
     """AGD stage 1 on its own (``fastdiff agd-trajectories``): generate what is missing of the trajectory folder."""
+    from .methods.agd.trajectories import prepare
     from .teacher import Teacher
-    from .trajectories import prepare
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = "cuda" if torch.cuda.is_available() else "cpu"

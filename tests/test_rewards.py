@@ -9,7 +9,7 @@ import torch
 
 from fastdiff.demo import DIGITS_TEACHER
 from fastdiff.eval.digits import load_split, prompt_for
-from fastdiff.rewards import build_reward
+from fastdiff.methods.tscd.reward import build_reward
 from fastdiff.teacher import Teacher
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastdiff.config import AGDConfig, load_config
-from fastdiff.trajectories import (
+from fastdiff.methods.agd.trajectories import (
     TrajectoryError,
     TrajectoryStore,
     generate_trajectories,
@@ -47,7 +47,7 @@ def test_records_are_the_teachers_cfg_predictions_along_its_own_trajectory(teach
     assert set(rec["negative_index"].tolist()) - {-1}  # some trajectories guide away from another prompt ...
     assert (rec["negative_index"] != rec["prompt_index"]).all()  # ... never from their own
     # recompute the CFG prediction at every stored state with the bare teacher
-    from fastdiff.trajectories import negative_conds
+    from fastdiff.methods.agd.trajectories import negative_conds
 
     cond = teacher.encode([PROMPTS[i] for i in rec["prompt_index"].tolist()])
     uncond = negative_conds(teacher, plan, rec["negative_index"], teacher.resolution)
@@ -170,7 +170,7 @@ def test_the_plan_fingerprint_is_the_same_in_every_process(teacher):
 
     code = (
         "import sys; from fastdiff.config import AGDConfig; from fastdiff.teacher import Teacher; "
-        "from fastdiff.trajectories import fingerprint, make_plan; t = Teacher(sys.argv[1]); "
+        "from fastdiff.methods.agd.trajectories import fingerprint, make_plan; t = Teacher(sys.argv[1]); "
         "c = AGDConfig(scheduler='DDIMScheduler'); print(fingerprint(make_plan(c, t, ['a'], None, t.resolution, 0)))"
     )
     prints = {

@@ -10,7 +10,7 @@ Set-up (tests/methods/test_agd.py asserts on it; about 3-4 minutes on one CPU co
   by regression on the exact conditional / unconditional posterior means (20% null labels), then frozen.
 - **AGD.** ``GuidanceAdapters`` on its ``attn2`` blocks, trained with the real ``AGD`` method and ``Trainer`` on exact
   CFG trajectories (trailing DDIM, 25 steps, w ~ U[1, 4], 25% with a negative label) exactly as
-  ``fastdiff.trajectories`` builds them for a UNet teacher (``cfg_trajectory``).
+  ``fastdiff.methods.agd.trajectories`` builds them for a UNet teacher (``cfg_trajectory``).
 - **Metric.** On held-out exact-CFG trajectories at each w: relative error ||x̂0_AGD - x̂0_CFG|| / ||x̂0_CFG|| over
   all states (the prediction the adapters replace), the same for the bare base ("no guidance"), and the relative
   error of the final samples of the AGD sampler against the exact CFG sampler from the same noise.

@@ -34,13 +34,13 @@ def build_method(cfg, teacher, latent_shape, with_real_data: bool) -> Method:
 
         return AGD.from_teacher(teacher, cfg.agd, latent_shape)
     if cfg.method == "tscd":
-        from .tscd import TSCD
+        from .tscd.method import TSCD
 
         if not with_real_data:
             raise ValueError("tscd trains on real latents (as PCM/LCM do): set dataset=<image folder>")
         reward_fn = None
         if cfg.tscd.reward_weight:
-            from ..rewards import build_reward
+            from .tscd.reward import build_reward
 
             reward_fn = build_reward(cfg.tscd.reward_model, teacher)
         return TSCD.from_teacher(teacher, cfg.tscd, latent_shape, reward_fn)

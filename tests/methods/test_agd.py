@@ -59,7 +59,7 @@ class Calls:
 
 @pytest.fixture(scope="module")
 def sdxl(tiny_teachers):
-    from fastdiff.export_agd import build_pipeline
+    from fastdiff.methods.agd.export import build_pipeline
 
     method, teacher = _method(tiny_teachers["sdxl"])
     return method, teacher, build_pipeline(method, teacher)
@@ -68,7 +68,7 @@ def sdxl(tiny_teachers):
 @pytest.mark.parametrize("family", ["sdxl", "sd15"])
 @torch.no_grad()
 def test_one_unet_call_per_step_against_two_for_cfg(tiny_teachers, family, sdxl):
-    from fastdiff.export_agd import build_pipeline
+    from fastdiff.methods.agd.export import build_pipeline
 
     if family == "sdxl":
         method, teacher, pipe = sdxl

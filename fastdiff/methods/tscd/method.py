@@ -34,11 +34,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import schedule
-from ..config import TSCDConfig
-from ..models.denoiser import CFG, Denoiser
-from . import losses
-from .base import Group, Method, optimizer_settings, randint, randn
+from ... import schedule
+from ...config import TSCDConfig
+from ...models.denoiser import CFG, Denoiser
+from .. import losses
+from ..base import Group, Method, optimizer_settings, randint, randn
 
 
 # --- the solver and its segments (pure functions) ------------------------------------------------------------
@@ -326,8 +326,8 @@ class TSCD(Method):
         adapter ``fake`` (LoRA) or a further copy (full); with ``adversarial_weight`` a DMD2-style head reads the
         bare teacher's mid-block features.
         """
-        from ..models.heads import DiscriminatorHead
-        from ..models.lora import add_adapter, named_adapter_parameters
+        from ...models.heads import DiscriminatorHead
+        from ...models.lora import add_adapter, named_adapter_parameters
 
         if cfg.student not in ("lora", "full"):
             raise ValueError(f"tscd.student must be 'lora' or 'full', got {cfg.student!r}")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .export import RECIPE_FILE, _sample_grid, _self_check
+from ... import __version__
+from ...export import RECIPE_FILE, _sample_grid, _self_check
 
 PIPELINE_CLASSES = {
     "sdxl": "StableDiffusionXLAdapterGuidancePipeline",
@@ -40,8 +40,8 @@ def build_pipeline(method, teacher):
     adapters and the method's scheduler."""
     from diffusers import DiffusionPipeline
 
-    from .methods.agd import fresh
-    from .models.adapters import GuidanceAdapters
+    from ...models.adapters import GuidanceAdapters
+    from .method import fresh
 
     base = DiffusionPipeline.from_pretrained(teacher.path, dtype=torch.float32, use_safetensors=True)
     adapters = GuidanceAdapters.from_config(method.adapters.config)

@@ -57,7 +57,7 @@ def make_plan(
         resolution: image side in pixels.
         seed: the run seed.
     """
-    from .methods.agd import check_config, make_scheduler
+    from .method import check_config, make_scheduler
 
     check_config(cfg)
     if not prompts:
@@ -151,7 +151,7 @@ def negative_texts(plan: dict) -> list[str]:
 
 def negative_conds(teacher, plan: dict, negative_index: torch.Tensor, resolution: int):
     """The CFG branch each trajectory guides away from: a negative prompt, or the unconditional input (-1)."""
-    from .models.denoiser import cat_conds
+    from ...models.denoiser import cat_conds
 
     texts = negative_texts(plan)
     null = teacher.null_cond(1, resolution)
@@ -163,7 +163,7 @@ def negative_conds(teacher, plan: dict, negative_index: torch.Tensor, resolution
 @torch.no_grad()
 def make_shard(plan: dict, k: int, teacher) -> dict[str, torch.Tensor]:
     """The tensors of shard k: the teacher's CFG trajectories of its trajectories (a pure function of plan, k)."""
-    from .methods.agd import cfg_trajectory, make_scheduler
+    from .method import cfg_trajectory, make_scheduler
 
     d = _draws(plan, k, teacher.device)
     res = plan["resolution"]
@@ -414,7 +414,7 @@ def trajectory_folder(cfg) -> Path:
 
 def prepare(cfg, teacher, resolution: int, rank: int = 0, world_size: int = 1, barrier=lambda: None):
     """Generate what is missing of the run's trajectory folder and open it (``fastdiff agd-trajectories``)."""
-    from .data import load_prompts
+    from ...data import load_prompts
 
     if not cfg.prompts:
         raise ValueError(
@@ -440,7 +440,7 @@ def trajectory_batch_fn(
     cfg, teacher, store: TrajectoryStore, resolution: int, rank: int = 0, world_size: int = 1
 ):
     """``batch_fn(step, micro, generator)`` of the trainer: records drawn as ``data.sample_indices`` orders them."""
-    from .data import sample_indices
+    from ...data import sample_indices
 
     accum = cfg.gradient_accumulation_steps
 

@@ -1,7 +1,7 @@
 """AGD: adapter guidance distillation (Jensen & Sadat 2025, "Efficient Distillation of Classifier-Free Guidance
 using Adapters"). Official code: cristianpjensen/agd.
 
-Data (teacher side, before training; stored by ``fastdiff.trajectories``): for each prompt c draw w ~ U[w_min, w_max]
+Data (teacher side, before training; stored by ``fastdiff.methods.agd.trajectories``): for each prompt c draw w ~ U[w_min, w_max]
 and, with probability p_neg, a negative prompt n (else n = ∅, the unconditional input); run the teacher with CFG w on
 a diffusers scheduler, keeping every step:
     x ~ N(0, σ_init² I);  for t in scheduler.timesteps:
@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AGDConfig
-from ..models.adapters import GuidanceAdapters
-from ..models.denoiser import Denoiser, cat_conds
-from .base import Group, Method, optimizer_settings
+from ...config import AGDConfig
+from ...models.adapters import GuidanceAdapters
+from ...models.denoiser import Denoiser, cat_conds
+from ..base import Group, Method, optimizer_settings
 
 
 # --- the teacher's guided trajectories (pure given the networks) -----------------------------------------------
