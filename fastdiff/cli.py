@@ -23,26 +23,18 @@ def _export(args) -> None:
 def _generate(args) -> None:
     import torch
 
-    from .export import load_pipeline, pipeline_kwargs, read_recipe
+    from .recipe import Recipe, apply_scheduler, load_pipeline, read_recipe
 
     folder = Path(args.export_dir)
-    recipe = read_recipe(folder)
+    recipe = Recipe.from_json(read_recipe(folder))
+    step = recipe.for_steps(args.steps)  # the export's rule for which step counts it samples at
     pipe = load_pipeline(folder / "pipeline", use_safetensors=True)
-    kwargs = pipeline_kwargs(recipe)
-    any_steps = recipe["method"] == "agd"  # adapter guidance works with any scheduler and step count
+    apply_scheduler(pipe, step)
+    kwargs = step.call_kwargs()
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
     if args.negative_prompt is not None:
         kwargs["negative_prompt"] = args.negative_prompt
-    if args.steps is not None and args.steps != recipe["num_inference_steps"]:
-        if not any_steps and (
-            recipe["scheduler"] != "LCMScheduler" or not recipe.get("timesteps_derivable", True)
-        ):
-            raise ValueError(
-                f"this export was trained for {recipe['num_inference_steps']} step(s) at timesteps {recipe['timesteps']}; "
-                "--steps can change the step count only of LCM-scheduled exports"
-            )
-        kwargs["num_inference_steps"] = args.steps
     images = pipe(
         args.prompt,
         **kwargs,
@@ -62,6 +54,19 @@ def _bench(args) -> None:
         from .eval.bench_serve import run as run_serve
 
         run_serve(args.out or "bench-serve", duration=args.duration)
+        return
+    if args.kind == "scale":
+        from .eval.bench_scale import run as run_scale
+
+        rows = run_scale(
+            args.out or "bench-scale",
+            tiny=args.tiny,
+            iters=args.iters,
+            batches=[int(b) for b in args.batches.split(",")],
+            modes=args.modes.split(","),
+            families=args.families.split(","),
+        )
+        print(f"{len(rows)} rows written to {args.out or 'bench-scale'}/scale.json and scale.md")
         return
     if args.kind == "speed":
         from .eval.bench_speed import run
@@ -106,7 +111,6 @@ def _demo(args) -> None:
 
     from .demo import demo
 
-    # measured alone on 2 CPU cores: 0.52 s/it with 2 threads, 0.73 with 1 (with other jobs on the cores, 1 is better)
     overrides = list(args.overrides)
     if args.threads:  # the bench too; training follows the recipe's cpu_threads, so override that as well
         torch.set_num_threads(args.threads)
@@ -121,12 +125,12 @@ def _serve(args) -> None:
     serve(ServeConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
 
 
-def _agd_trajectories(args) -> None:
+def _prepare(args) -> None:
     from .config import load_config
-    from .run import agd_trajectories
+    from .run import prepare
 
-    store = agd_trajectories(load_config(args.config, ["method=agd", *args.overrides]))
-    print(f"{store.folder}: {store.plan['num_trajectories']} trajectories, {store.num_records} records")
+    result = prepare(load_config(args.config, [*args.defaults, *args.overrides]))
+    print(result if result is not None else "this method has no stage before training")
 
 
 def _tiny(args) -> None:
@@ -163,10 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", help="negative prompt (AGD exports: it conditions the adapters)")
     p.set_defaults(fn=_generate)
 
-    p = sub.add_parser("bench", help="benchmarks: speed | quality")
-    p.add_argument("kind", choices=["speed", "quality", "serve"])
+    p = sub.add_parser("bench", help="benchmarks: speed | quality | serve | scale")
+    p.add_argument("kind", choices=["speed", "quality", "serve", "scale"])
     p.add_argument("--out", help="speed: a JSON file; quality: a folder (bench.json, bench.md, grids/)")
-    p.add_argument("--iters", type=int, default=5, help="speed: timed iterations")
+    p.add_argument("--iters", type=int, default=5, help="speed / scale: timed iterations")
+    p.add_argument(
+        "--tiny", action="store_true", help="scale: tiny UNets on CPU (the code path, not a measurement)"
+    )
+    p.add_argument("--batches", default="1,2,4", help="scale: comma list of batch sizes")
+    p.add_argument("--modes", default="shared-base,full-copy,fsdp", help="scale: comma list of modes")
+    p.add_argument("--families", default="sdxl,sd15", help="scale: comma list of UNet families")
     p.add_argument("--duration", type=float, default=9.0, help="serve: seconds of load per table cell")
     p.add_argument("--teacher", help="quality: teacher pipeline folder (default: the bundled digits teacher)")
     p.add_argument(
@@ -237,13 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.set_defaults(fn=_serve)
 
-    p = sub.add_parser(
-        "agd-trajectories",
-        help="AGD stage 1: sample the teacher's CFG trajectories into shards (resumable; train runs it too)",
-    )
-    p.add_argument("--config", help="recipe YAML (e.g. assets/configs/sdxl_agd.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (agd.trajectories=<folder>, ...)")
-    p.set_defaults(fn=_agd_trajectories)
+    for name, defaults, text in (
+        ("prepare", [], "run the method's stage before training on its own (resumable; train runs it too)"),
+        (
+            "agd-trajectories",
+            ["method=agd"],
+            "AGD's stage: sample the teacher's CFG trajectories into shards",
+        ),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", help="recipe YAML (e.g. assets/configs/sdxl_agd.yaml)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides (agd.trajectories=<folder>, ...)")
+        p.set_defaults(fn=_prepare, defaults=defaults)
 
     p = sub.add_parser("tiny", help="write a tiny random-init pipeline (offline tests, examples)")
     p.add_argument("--family", choices=["sd15", "sdxl"], default="sdxl")

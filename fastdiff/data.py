@@ -320,39 +320,7 @@ def sample_indices(
     return [int(perm[p % num_items]) for p in range(start, start + batch_size)]
 
 
-class ResumableBatchSampler:
-    """Endless batch sampler over :func:`sample_indices`, for ``DataLoader(batch_sampler=...)``.
-
-    Args:
-        num_items: Dataset size.
-        batch_size: Per-rank batch size.
-        seed: Shuffle seed.
-        rank: This process's rank.
-        world_size: Number of data-parallel processes.
-        start_step: First step to yield, e.g. the global step of a checkpoint being resumed.
-    """
-
-    def __init__(
-        self,
-        num_items: int,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        start_step: int = 0,
-    ):
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.rank, self.world_size, self.step = rank, world_size, start_step
-
-    def __iter__(self):
-        while True:
-            yield sample_indices(
-                self.num_items, self.batch_size, self.step, self.seed, self.rank, self.world_size
-            )
-            self.step += 1
-
-
-BUILTIN = {"builtin:digits": "scikit-learn's handwritten digits, train split (fastdiff.eval.digits)"}
+BUILTIN = {"builtin:digits": "scikit-learn's handwritten digits, train split (fastdiff.digits.data)"}
 
 
 class DigitsDataset(torch.utils.data.Dataset):
@@ -362,7 +330,7 @@ class DigitsDataset(torch.utils.data.Dataset):
     skipped: list = []
 
     def __init__(self, resolution: int = 32):
-        from .eval.digits import TEMPLATES, load_split, prompt_for
+        from .digits.data import TEMPLATES, load_split, prompt_for
 
         self.images, self.labels = load_split("train", resolution)
         self._prompt = lambda i: prompt_for(int(self.labels[i]), i % len(TEMPLATES))

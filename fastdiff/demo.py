@@ -6,8 +6,9 @@ import json
 import logging
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DIGITS_TEACHER = ASSETS / "teachers" / "digits-sdxl"
+from .paths import asset
+
+DIGITS_TEACHER = asset("teachers", "digits-sdxl")
 
 logger = logging.getLogger("fastdiff")
 
@@ -16,6 +17,15 @@ def teacher_guidance(teacher: Path = DIGITS_TEACHER) -> float:
     """The teacher's recommended CFG scale (written by train/teacher.py next to the pipeline)."""
     meta = Path(teacher) / "fastdiff_teacher.json"
     return float(json.loads(meta.read_text())["guidance_scale"]) if meta.is_file() else 1.5
+
+
+def bundled_files(recipe: Path) -> list[str]:
+    """Overrides that point a digits recipe's top-level ``assets/...`` paths (teacher, prompts) at this install's
+    assets, so the recipe runs from any directory."""
+    import yaml
+
+    keys = yaml.safe_load(recipe.read_text())
+    return [f"{k}={asset(*v.split('/')[1:])}" for k, v in keys.items() if str(v).startswith("assets/")]
 
 
 def demo(
@@ -28,12 +38,14 @@ def demo(
     from .teacher import check_pipeline_folder
 
     out = Path(output_dir)
-    recipe = ASSETS / "configs" / f"digits_{method}.yaml"
+    recipe = asset("configs", f"digits_{method}.yaml")
     if not recipe.is_file():
-        available = sorted(p.stem.removeprefix("digits_") for p in (ASSETS / "configs").glob("digits_*.yaml"))
+        available = sorted(p.stem.removeprefix("digits_") for p in asset("configs").glob("digits_*.yaml"))
         raise ValueError(f"no digits recipe for method {method!r}; available: {', '.join(available)}")
     check_pipeline_folder(DIGITS_TEACHER)
-    cfg = load_config(recipe, [f"teacher={DIGITS_TEACHER}", f"output_dir={out}", *(overrides or [])])
+    cfg = load_config(
+        recipe, [*bundled_files(recipe), f"teacher={DIGITS_TEACHER}", f"output_dir={out}", *(overrides or [])]
+    )
     train(cfg)
     w = teacher_guidance()
     systems = [

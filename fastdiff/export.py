@@ -1,13 +1,9 @@
-"""Exports: a standard diffusers pipeline folder, LoRA weights (diffusers/PEFT + kohya), fastdiff.json, model card.
+"""Exports: a diffusers pipeline folder, LoRA weights (diffusers/PEFT + kohya), fastdiff.json and a model card.
 
-The saved scheduler derives the trained timesteps from ``num_inference_steps`` alone, so
-``pipe(prompt, num_inference_steps=N, guidance_scale=0.0)`` is the whole recipe:
-- K student steps at LCM's own timesteps (e.g. [999, 749, 499, 249]): ``LCMScheduler(original_inference_steps=K)``,
-  whose step is fastdiff's sampler (x0, then fresh noise to the next timestep);
-- one step at t != 999 (DMD2 SDXL's t=399): ``DDIMScheduler(timestep_spacing="leading", steps_offset=t)``, which
-  at one step returns the x0 prediction exactly;
-- anything else: LCMScheduler plus an explicit ``timesteps`` list, recorded as not derivable in fastdiff.json
-  and the model card.
+Method-agnostic: the method declares what is exported (``exported_student``: a whole UNet or a LoRA adapter on the
+teacher's UNet; or ``export_pipeline``, a pipeline of its own) and how it samples (``recipe``, see
+``fastdiff.recipe``). The saved scheduler derives the trained timesteps from ``num_inference_steps`` alone, so
+``pipe(prompt, **fastdiff.json's call)`` is the whole recipe.
 """
 
 from __future__ import annotations
@@ -22,60 +18,9 @@ import torch
 from PIL import Image
 
 from . import __version__
+from .recipe import RECIPE_FILE, Recipe, apply_scheduler, load_pipeline, make_scheduler
 
 logger = logging.getLogger("fastdiff")
-RECIPE_FILE = "fastdiff.json"
-
-
-def derive_scheduler(scheduler_config: dict, timesteps: list[int], sampler: str = "lcm", also=()):
-    """A diffusers scheduler whose ``set_timesteps(len(timesteps))`` gives ``timesteps``; (scheduler, derivable).
-
-    ``sampler`` is how the student samples: "lcm" (x0, then fresh noise to the next timestep: DMD2) or "ddim"
-    (deterministic DDIM between trailing timesteps: consistency students such as TSCD). ``also``: more timestep
-    lists the same scheduler must derive from their lengths (a student trained at several step counts, as few-step
-    SiD: LCMScheduler(original_inference_steps=T) gives T-1 - floor(T i / k) at every k).
-    """
-    from diffusers import DDIMScheduler, LCMScheduler
-
-    n = len(timesteps)
-    wanted = [list(timesteps), *(list(ts) for ts in also)]
-    if sampler == "ddim":
-        sched = DDIMScheduler.from_config(
-            scheduler_config,
-            timestep_spacing="trailing",
-            set_alpha_to_one=True,
-            clip_sample=False,
-            thresholding=False,
-        )
-        sched.set_timesteps(n)
-        return sched, sched.timesteps.tolist() == list(timesteps)
-    candidates = [LCMScheduler.from_config(scheduler_config, original_inference_steps=n)]
-    if n == 1:
-        candidates.append(
-            DDIMScheduler.from_config(
-                scheduler_config,
-                timestep_spacing="leading",
-                steps_offset=timesteps[0],
-                clip_sample=False,
-                set_alpha_to_one=True,
-                thresholding=False,
-            )
-        )
-    candidates.append(
-        LCMScheduler.from_config(
-            scheduler_config, original_inference_steps=scheduler_config.get("num_train_timesteps", 1000)
-        )
-    )
-
-    def derives(sched, ts) -> bool:
-        sched.set_timesteps(len(ts))
-        return sched.timesteps.tolist() == ts
-
-    for sched in candidates:
-        if all(derives(sched, ts) for ts in wanted):
-            sched.set_timesteps(n)
-            return sched, True
-    return candidates[0], False
 
 
 def image_grid(images: torch.Tensor, rows: int) -> Image.Image:
@@ -90,46 +35,6 @@ def image_grid(images: torch.Tensor, rows: int) -> Image.Image:
     return Image.fromarray(grid)
 
 
-def read_recipe(folder: str | Path) -> dict:
-    path = Path(folder) / RECIPE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a fastdiff export: {RECIPE_FILE} is missing")
-    return json.loads(path.read_text())
-
-
-def load_pipeline(folder: str | Path, **kwargs):
-    """A saved pipeline folder: a standard diffusers pipeline, or one of fastdiff's custom pipelines (an export
-    whose model_index.json names a file of ``pipelines/``), loaded with fastdiff's own copy of that class so that
-    no code from the folder runs."""
-    import importlib
-
-    from diffusers import DiffusionPipeline
-
-    from .teacher import check_pipeline_folder
-
-    index = Path(folder) / "model_index.json"
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    if isinstance(name, list):
-        try:
-            module = importlib.import_module(f"pipelines.{name[0]}") if name[0].isidentifier() else None
-        except ImportError:
-            module = None
-        if getattr(module, name[1], None) is None:
-            raise ValueError(f"{folder} needs the pipeline {name[1]} from {name[0]}.py, unknown to fastdiff")
-        cls = getattr(module, name[1])
-        return cls.from_pretrained(folder, **kwargs)
-    check_pipeline_folder(folder)
-    return DiffusionPipeline.from_pretrained(folder, **kwargs)
-
-
-def pipeline_kwargs(recipe: dict) -> dict:
-    """The call arguments that reproduce the trained sampler."""
-    kw = {"num_inference_steps": recipe["num_inference_steps"], "guidance_scale": recipe["guidance_scale"]}
-    if not recipe.get("timesteps_derivable", True):
-        kw["timesteps"] = recipe["timesteps"]
-    return kw
-
-
 def export(
     method,
     teacher,
@@ -139,10 +44,10 @@ def export(
     prompts=None,
     train_seconds=None,
 ) -> Path:
-    """Write ``pipeline/``, ``lora/`` (when the generator is a LoRA), ``fastdiff.json`` and ``README.md``.
+    """Write ``pipeline/``, ``lora/`` (when the student is a LoRA), ``fastdiff.json`` and ``README.md``.
 
     Args:
-        method: the trained method; ``method.generator`` is a UNetDenoiser (its ``adapter`` names the LoRA).
+        method: the trained method (its ``exported_student`` / ``export_pipeline`` and ``recipe``).
         teacher: the loaded Teacher (its folder supplies the other pipeline components, re-read in float32).
         config: the run config as a dict (recorded in fastdiff.json).
         out_dir: the export folder.
@@ -150,10 +55,6 @@ def export(
         prompts: prompts of the model card's sample grid.
         train_seconds: wall time of the training run, recorded in fastdiff.json.
     """
-    if getattr(method, "name", None) == "agd":  # adapters on the frozen teacher: an adapter-guidance pipeline
-        from .methods.agd.export import export_agd
-
-        return export_agd(method, teacher, config, out_dir, prompts, train_seconds)
     from diffusers import DiffusionPipeline
 
     from .models.lora import save_lora
@@ -162,93 +63,92 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     method.float()  # training is over: compare and export in full precision
     teacher.to_float32()
-    gen = method.generator
-    timesteps = list(method.student_timesteps)
-    pipe = DiffusionPipeline.from_pretrained(teacher.path, dtype=torch.float32, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    is_lora = gen.adapter not in ("*", None)
-    if is_lora:
-        shutil.rmtree(out / "lora", ignore_errors=True)
-        save_lora(out / "lora", gen.unet, gen.adapter, type(pipe))
-        pipe.load_lora_weights(
-            out / "lora"
-        )  # the merge goes through diffusers' own loader: the file is proven
-        pipe.fuse_lora(lora_scale=lora_scale)
-        pipe.unload_lora_weights()
-    else:
-        pipe.unet.load_state_dict({k: v.float() for k, v in gen.unet.state_dict().items()})
-    sampler = getattr(method, "sampler", "lcm")
-    by_steps = getattr(method, "timesteps_by_steps", None) or {}  # a student trained at several step counts
-    scheduler, derivable = derive_scheduler(
-        dict(pipe.scheduler.config), timesteps, sampler, by_steps.values()
-    )
-    pipe.scheduler = scheduler
+    recipe: Recipe = method.recipe(dict(teacher.pipeline.scheduler.config))
+    pipe = method.export_pipeline(teacher)
+    lora = None
+    if pipe is None:  # the standard pipeline of the teacher's class with the student's weights
+        student = method.exported_student()
+        pipe = DiffusionPipeline.from_pretrained(teacher.path, dtype=torch.float32, use_safetensors=True)
+        if student.adapter is not None:
+            shutil.rmtree(out / "lora", ignore_errors=True)
+            save_lora(out / "lora", student.unet, student.adapter, type(pipe))
+            pipe.load_lora_weights(
+                out / "lora"
+            )  # the merge goes through diffusers' own loader: the file is proven
+            pipe.fuse_lora(lora_scale=lora_scale)
+            pipe.unload_lora_weights()
+            lora = "lora/pytorch_lora_weights.safetensors"
+        else:
+            pipe.unet.load_state_dict({k: v.float() for k, v in student.unet.state_dict().items()})
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, recipe.scheduler, recipe.scheduler_kwargs)
     shutil.rmtree(out / "pipeline", ignore_errors=True)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
-    recipe = {
-        "method": method.name,
-        "num_inference_steps": len(timesteps),
-        "guidance_scale": 0.0,
-        "timesteps": timesteps,
-        "timesteps_derivable": derivable,
-        "scheduler": type(scheduler).__name__,
-        "sampler": sampler,
-        "lora_scale": lora_scale if is_lora else None,
-        "lora": "lora/pytorch_lora_weights.safetensors" if is_lora else None,
+    pipe = load_pipeline(out / "pipeline", use_safetensors=True)  # check what was written, not the copy
+    pipe.set_progress_bar_config(disable=True)
+    if recipe.timesteps_derivable and not _derives(
+        pipe.scheduler, recipe.num_inference_steps, recipe.timesteps
+    ):
+        # a pipeline may rewrite its scheduler's config on load (StableDiffusionPipeline resets steps_offset to 1):
+        # then the call passes the trained timesteps to an LCMScheduler, which accepts them
+        logger.warning(
+            "the saved pipeline's scheduler does not derive %s: timesteps are passed", recipe.timesteps
+        )
+        recipe.scheduler, recipe.timesteps_derivable = "LCMScheduler", False
+        recipe.scheduler_kwargs = {"original_inference_steps": recipe.num_inference_steps}
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, recipe.scheduler, recipe.scheduler_kwargs)
+        pipe.scheduler.save_pretrained(out / "pipeline" / "scheduler")
+    if not recipe.timesteps_derivable:
+        logger.warning(
+            "timesteps %s cannot be derived by a scheduler config: pass timesteps= explicitly",
+            recipe.timesteps,
+        )
+    data = {
+        **recipe.to_json(),
+        "lora_scale": lora_scale if lora else None,
+        "lora": lora,
         "pipeline_class": type(pipe).__name__,
         "teacher": teacher.path,
         "fastdiff_version": __version__,
         "train_seconds": train_seconds,
         "config": config,
     }
-    if sampler == "ddim":  # one LoRA for several step counts: the recipe of each (Hyper-SD's usage)
-        recipe["recipes"] = {
-            str(k): {
-                "num_inference_steps": k,
-                "guidance_scale": 0.0,
-                "scheduler": "TCDScheduler" if k == 1 else "DDIMScheduler",
-                **({"eta": 1.0} if k == 1 else {"timestep_spacing": "trailing"}),
-            }
-            for k in (1, 2, 4, 8)
-        }
-    if len(by_steps) > 1:  # one generator for every k <= K (few-step SiD's uniform mixture)
-        recipe["recipes"] = {
-            str(k): {
-                "num_inference_steps": k,
-                "guidance_scale": 0.0,
-                "scheduler": type(scheduler).__name__,
-                "timesteps": list(ts),
-                "timesteps_derivable": derivable,
-            }
-            for k, ts in by_steps.items()
-        }
-    if not derivable:
-        logger.warning(
-            "timesteps %s cannot be derived by a scheduler config: pass timesteps= explicitly", timesteps
-        )
-    recipe["check"] = _self_check(method, teacher, pipe, recipe)
-    (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
-    grid_path = _sample_grid(pipe, recipe, out, prompts or ["a photo of a cat"])
-    (out / "README.md").write_text(model_card(recipe, grid_path.relative_to(out)))
+    data["check"] = _self_check(method, teacher, pipe, recipe)
+    (out / RECIPE_FILE).write_text(json.dumps(data, indent=2))
+    grid = _sample_grid(pipe, recipe, out, prompts or ["a photo of a cat"]).relative_to(out).as_posix()
+    (out / "README.md").write_text(method.model_card(data, grid) or model_card(data, grid))
     return out
 
 
+def _derives(scheduler, num_inference_steps: int, timesteps: list) -> bool:
+    """Whether ``scheduler.set_timesteps(num_inference_steps)`` gives ``timesteps``."""
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler.timesteps.tolist() == list(timesteps)
+
+
+def _run(pipe, step, prompt: str, seed: int, **kwargs):
+    """``pipe`` called as the step recipe says (its scheduler swapped in for the call)."""
+    base = pipe.scheduler
+    apply_scheduler(pipe, step)
+    try:
+        return pipe(
+            prompt, **step.call_kwargs(), generator=torch.Generator().manual_seed(seed), **kwargs
+        ).images
+    finally:
+        pipe.scheduler = base
+
+
 @torch.no_grad()
-def _self_check(method, teacher, pipe, recipe) -> dict:
-    """Run the exported pipeline and fastdiff's own sampler on the same noise; record the largest difference."""
+def _self_check(method, teacher, pipe, recipe: Recipe) -> dict:
+    """Run the exported pipeline and fastdiff's own sampler on the same noise, at the default call and at every
+    step count the export declares; record the largest difference."""
     prompt = "a photo of a cat"
-    gen = torch.Generator().manual_seed(0)
-    kwargs = {"": pipeline_kwargs(recipe)}
-    kwargs.update({k: pipeline_kwargs(r) for k, r in recipe.get("recipes", {}).items() if "timesteps" in r})
+    checks = {None: recipe.for_steps()} | {k: recipe.for_steps(k) for k in recipe.allowed_steps() or []}
     diffs = {}
-    for k, kw in kwargs.items():
-        gen = torch.Generator().manual_seed(0)
-        latents = pipe(prompt, **kw, generator=gen, output_type="latent").images
+    for k, step in checks.items():
+        latents = _run(pipe, step, prompt, 0, output_type="latent")
         gen = torch.Generator().manual_seed(0)
         noise = torch.randn((1, *latents.shape[1:]), generator=gen).to(teacher.device)
-        ours = method.generate(
-            noise, teacher.encode([prompt]), timesteps=int(k) if k else None, generator=gen
-        )
+        ours = method.generate(noise, teacher.encode([prompt]), timesteps=k, generator=gen)
         diffs[k] = float((ours.float().cpu() - latents.float().cpu()).abs().max())
         if diffs[k] > 1e-3:
             logger.warning(
@@ -256,27 +156,23 @@ def _self_check(method, teacher, pipe, recipe) -> dict:
                 diffs[k],
                 f", {k} steps" if k else "",
             )
-    check = {"prompt": prompt, "seed": 0, "max_abs_diff_latents": diffs.pop("")}
+    check = {"prompt": prompt, "seed": 0, "max_abs_diff_latents": diffs.pop(None)}
     if diffs:
-        check["max_abs_diff_latents_by_steps"] = diffs
+        check["max_abs_diff_latents_by_steps"] = {str(k): v for k, v in diffs.items()}
     return check
 
 
 @torch.no_grad()
-def _sample_grid(pipe, recipe, out: Path, prompts: list[str]) -> Path:
-    images = []
-    for i, prompt in enumerate(prompts):
-        img = pipe(
-            prompt, **pipeline_kwargs(recipe), generator=torch.Generator().manual_seed(i), output_type="pt"
-        )
-        images.append(img.images[0])
+def _sample_grid(pipe, recipe: Recipe, out: Path, prompts: list[str]) -> Path:
+    step = recipe.for_steps()
+    images = [_run(pipe, step, prompt, i, output_type="pt")[0] for i, prompt in enumerate(prompts)]
     (out / "samples").mkdir(exist_ok=True)
     path = out / "samples" / "export_grid.png"
     image_grid(torch.stack(images), rows=1).save(path)
     return path
 
 
-def model_card(recipe: dict, grid: Path) -> str:
+def model_card(recipe: dict, grid: str) -> str:
     steps, cls = recipe["num_inference_steps"], recipe["pipeline_class"]
     ts = "" if recipe["timesteps_derivable"] else f", timesteps={recipe['timesteps']}"
     lora = ""
@@ -320,5 +216,5 @@ or `fastdiff generate . "a photo of a cat"`, which reads these arguments from `f
 {lora}
 ## Samples
 
-![samples]({grid.as_posix()})
+![samples]({grid})
 """

@@ -1,12 +1,12 @@
 """fastdiff's custom diffusers pipelines, importable from fastdiff (the files themselves live in ``pipelines/``, each
-self-contained so that it can travel inside an export folder)."""
-
-from pipelines.adapter_guidance import (
-    StableDiffusionAdapterGuidancePipeline,
-    StableDiffusionXLAdapterGuidancePipeline,
-)
+self-contained so that it can travel inside an export folder; ``fastdiff.paths`` finds them)."""
 
 from .models.adapters import GuidanceAdapters
+from .paths import pipeline_module
+
+_adapter_guidance = pipeline_module("adapter_guidance")
+StableDiffusionAdapterGuidancePipeline = _adapter_guidance.StableDiffusionAdapterGuidancePipeline
+StableDiffusionXLAdapterGuidancePipeline = _adapter_guidance.StableDiffusionXLAdapterGuidancePipeline
 
 __all__ = [
     "GuidanceAdapters",

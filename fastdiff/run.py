@@ -81,14 +81,36 @@ def cpu_threads(setting: int | None, num_processes: int) -> int | None:
     return setting or max(1, len(os.sched_getaffinity(0)) // num_processes)
 
 
+def run_context(cfg: TrainConfig, teacher, accelerator=None, with_data: bool = True):
+    """The ``RunContext`` of a run: teacher, the method's section, resolution and shapes, and (``with_data``) the
+    training prompts / dataset and the ranks."""
+    from .data import load_prompts, open_dataset
+    from .methods.base import RunContext
+
+    resolution = cfg.resolution or teacher.resolution
+    ctx = RunContext(
+        teacher, cfg.section, cfg, resolution, teacher.latent_shape(resolution), cfg.dataset is not None
+    )
+    if accelerator is not None:
+        ctx.rank, ctx.world_size = accelerator.process_index, accelerator.num_processes
+        ctx.barrier = accelerator.wait_for_everyone
+    if with_data:
+        ctx.dataset = open_dataset(cfg.dataset, resolution) if cfg.dataset else None
+        ctx.prompts = load_prompts(cfg.prompts) if cfg.prompts else None
+        if ctx.dataset is None and ctx.prompts is None:
+            raise ValueError(
+                "no training prompts: set `prompts=<file.txt|.jsonl>` or `dataset=<image folder>`"
+            )
+    return ctx
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run one distillation from its config; returns the output folder."""
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from .data import load_prompts, open_dataset
     from .export import export
-    from .methods import build_method
+    from .methods import registry
     from .teacher import Teacher
     from .trainer import Trainer, make_accelerator
 
@@ -103,32 +125,22 @@ def train(cfg: TrainConfig) -> Path:
     )
     set_seed(cfg.seed)  # the same on every rank: identical initial weights everywhere
     teacher = Teacher(cfg.teacher, device=accelerator.device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
-    resolution = cfg.resolution or teacher.resolution
-    latent_shape = teacher.latent_shape(resolution)
-    dataset = open_dataset(cfg.dataset, resolution) if cfg.dataset else None
-    prompts = load_prompts(cfg.prompts) if cfg.prompts else None
-    if dataset is None and prompts is None:
-        raise ValueError("no training prompts: set `prompts=<file.txt|.jsonl>` or `dataset=<image folder>`")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.method == "agd":  # stage 1: the teacher's CFG trajectories (resumable), before the adapters attach
-        from .methods.agd.trajectories import prepare, trajectory_batch_fn
-
-        t0 = time.perf_counter()
-        store = prepare(cfg, teacher, resolution, rank, world, accelerator.wait_for_everyone)
-        trajectory_seconds = time.perf_counter() - t0
-    method = build_method(cfg, teacher, latent_shape, with_real_data=dataset is not None)
-    if cfg.method == "agd":
-        method.trajectory_seconds = trajectory_seconds
-        batch_fn = trajectory_batch_fn(cfg, teacher, store, resolution, rank, world)
-    else:
-        batch_fn = make_batch_fn(cfg, teacher, resolution, prompts, dataset, rank, world)
-    validate = make_validate_fn(cfg, method, teacher, resolution, latent_shape, accelerator)
+    ctx = run_context(cfg, teacher, accelerator)
+    method_cls = registry.get(cfg.method)
+    ctx.prepared = method_cls.prepare(ctx)  # the method's stage before training, if it has one
+    method = method_cls.build(ctx)
+    batch_fn = method.batch_source(ctx) or make_batch_fn(
+        cfg, teacher, ctx.resolution, ctx.prompts, ctx.dataset, ctx.rank, ctx.world_size
+    )
+    validate = make_validate_fn(cfg, method, teacher, ctx.resolution, ctx.latent_shape, accelerator)
     trainer = Trainer(method, cfg, batch_fn, validate, to_dict(cfg), accelerator)
     t0 = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - t0
-    if dataset is not None and dataset.num_skipped:
-        logger.warning("%d unreadable images were skipped: %s", dataset.num_skipped, dataset.skipped[:10])
+    if ctx.dataset is not None and ctx.dataset.num_skipped:
+        logger.warning(
+            "%d unreadable images were skipped: %s", ctx.dataset.num_skipped, ctx.dataset.skipped[:10]
+        )
     if cfg.export and accelerator.is_main_process:
         trainer.use_ema_weights()
         export(method, teacher, to_dict(cfg), out, cfg.lora_scale, cfg.validation_prompts, train_seconds)
@@ -145,7 +157,7 @@ def load_checkpoint_method(checkpoint: str | Path, teacher: str | None = None, e
     from safetensors.torch import load_file
 
     from .config import from_dict
-    from .methods import build_method
+    from .methods import build
     from .teacher import Teacher
     from .trainer import load_group_tensors
 
@@ -157,8 +169,7 @@ def load_checkpoint_method(checkpoint: str | Path, teacher: str | None = None, e
     if teacher:
         cfg.teacher = teacher
     t = Teacher(cfg.teacher)
-    resolution = cfg.resolution or t.resolution
-    method = build_method(cfg, t, t.latent_shape(resolution), with_real_data=cfg.dataset is not None)
+    method = build(run_context(cfg, t, with_data=False))
     groups = method.groups()
     load_group_tensors(groups, load_file(str(checkpoint / "trainable.safetensors")), checkpoint)
     if ema and (checkpoint / "ema.safetensors").is_file():
@@ -178,15 +189,16 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, teacher: str 
     return export(method, t, to_dict(cfg), out_dir, cfg.lora_scale, prompts=cfg.validation_prompts)
 
 
-def agd_trajectories(cfg: TrainConfig):
-    """AGD stage 1 on its own (``fastdiff agd-trajectories``): generate what is missing of the trajectory folder."""
-    from .methods.agd.trajectories import prepare
+def prepare(cfg: TrainConfig):
+    """The method's stage before training on its own (``fastdiff prepare``; AGD: generate what is missing of the
+    trajectory folder). Returns what the stage returned (None: the method has none)."""
+    from .methods import registry
     from .teacher import Teacher
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher = Teacher(cfg.teacher, device=device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
-    return prepare(cfg, teacher, cfg.resolution or teacher.resolution)
+    return registry.get(cfg.method).prepare(run_context(cfg, teacher))
 
 
 def parse_train_args(argv=None) -> TrainConfig:

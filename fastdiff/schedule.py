@@ -80,11 +80,6 @@ def snr(acp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return a / (1 - a)
 
 
-def uniform_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None, device=None):
-    """Integer timesteps uniform in [low, high)."""
-    return torch.randint(low, high, (n,), generator=generator, device=device)
-
-
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """Trailing-spaced timesteps (start at T-1), as DDIM/LCM with ``timestep_spacing='trailing'`` give."""
     step = num_train_timesteps / num_steps

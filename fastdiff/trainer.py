@@ -54,6 +54,25 @@ def find_checkpoint(output_dir: str | Path, which: str) -> Path | None:
     return max(found)[1] if found else None
 
 
+def make_optimizer(group: Group, device=None) -> torch.optim.Optimizer:
+    """The optimizer a group asks for: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes' 8-bit AdamW, GPU only)."""
+    params = list(group.params.values())
+    kwargs = dict(lr=group.lr, betas=group.betas, weight_decay=group.weight_decay, eps=group.eps)
+    if group.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if group.optimizer == "adamw8bit":
+        if device is not None and torch.device(device).type != "cuda":
+            raise ValueError(f"group {group.name!r}: optimizer adamw8bit (bitsandbytes) needs a CUDA GPU")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError(
+                f"group {group.name!r}: optimizer adamw8bit needs bitsandbytes: pip install 'fastdiff[gpu]'"
+            ) from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    raise ValueError(f"group {group.name!r}: unknown optimizer {group.optimizer!r} (adamw, adamw8bit)")
+
+
 def make_accelerator(cfg) -> Accelerator:
     """The Accelerator of a run. Autocast's weight-cast cache is off: a method may call a network without grad
     (backward simulation) and then with grad in one autocast region, and cached casts would make gradient
@@ -91,13 +110,7 @@ class Trainer:
         self.cfg, self.method, self.batch_fn, self.validate_fn = cfg, method, batch_fn, validate_fn
         self.config_dict = config_dict or {}
         self.output_dir = Path(cfg.output_dir)
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            log_with=None if cfg.report_to == "none" else cfg.report_to,
-            project_config=ProjectConfiguration(
-                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
-            ),
-        )
+        self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
         self.groups: list[Group] = method.groups()
         self.step = 0
@@ -107,9 +120,7 @@ class Trainer:
         self._setup_networks()
         self.optimizers, self.schedulers = [], []
         for g in self.groups:
-            opt = torch.optim.AdamW(
-                list(g.params.values()), lr=g.lr, betas=g.betas, weight_decay=g.weight_decay, eps=g.eps
-            )
+            opt = make_optimizer(g, acc.device)
             warmup = (
                 g.warmup_steps * acc.num_processes
             )  # accelerate steps a prepared scheduler once per process
@@ -171,10 +182,7 @@ class Trainer:
         )  # leave TQDM_DISABLE in charge on rank 0
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", **quiet)
         while self.step < cfg.max_steps:
-            for gi, group in enumerate(self.groups):
-                if self.step % group.interval == 0:
-                    self._update(gi, group)
-            self.step += 1
+            self.train_step()
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in self.last_terms.items()}, refresh=False)
             acc.log({**self.last_terms, "nonfinite_total": self.nonfinite_total}, step=self.step)
@@ -187,6 +195,15 @@ class Trainer:
                     self.validate_fn(self.step)
                 acc.wait_for_everyone()
         bar.close()
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration: every group whose interval divides the step is updated, then the step advances.
+        Returns the latest loss terms (checkpointing, validation and logging are ``fit``'s)."""
+        for gi, group in enumerate(self.groups):
+            if self.step % group.interval == 0:
+                self._update(gi, group)
+        self.step += 1
+        return dict(self.last_terms)
 
     def _update(self, gi: int, group: Group) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -244,8 +261,13 @@ class Trainer:
         self._set_trainable(None)
 
     def _all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Average gradients across ranks with one flattened all-reduce. Parameters sharded by FSDP2 (DTensors) are
+        skipped: their gradients arrive reduce-scattered (averaged) already."""
+        from torch.distributed.tensor import DTensor
+
         acc = self.accelerator
-        if acc.num_processes == 1:
+        params = [p for p in params if not isinstance(p, DTensor)]
+        if acc.num_processes == 1 or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = acc.reduce(torch.cat([g.flatten().float() for g in grads]), reduction="mean")

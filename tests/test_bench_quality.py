@@ -46,28 +46,32 @@ def test_bad_inputs(tiny_teachers, tmp_path):
         )
 
 
-def _recipe(folder, **recipe):
+def _recipe(folder, recipe, **extra):
+    """An export folder holding only fastdiff.json: ``recipe`` (a ``fastdiff.recipe.Recipe``) and top-level keys."""
     folder.mkdir()
-    (folder / "fastdiff.json").write_text(json.dumps(recipe))
+    (folder / "fastdiff.json").write_text(json.dumps({**recipe.to_json(), "lora": None, **extra}))
     return str(folder)
 
 
 def test_agd_stacked_on_a_student_lora_takes_the_students_sampler_and_one_call_per_step(tmp_path):
-    agd = _recipe(tmp_path / "agd", method="agd", num_inference_steps=25, guidance_scale=2.0)
-    per_step = {"num_inference_steps": 2, "guidance_scale": 0.0, "scheduler": "DDIMScheduler"}
-    student = _recipe(
-        tmp_path / "tscd",
-        method="tscd",
-        num_inference_steps=1,
-        guidance_scale=0.0,
-        lora="lora/pytorch_lora_weights.safetensors",
-        recipes={"2": {**per_step, "timestep_spacing": "trailing"}},
+    from fastdiff.recipe import Recipe, StepRecipe
+
+    agd_recipe = Recipe(
+        "agd", 25, 2.0, list(range(961, 0, -40)), "EulerDiscreteScheduler", sampler="scheduler"
     )
+    agd_recipe.extra = {"nfe_per_step": 1, "w_range": [1.0, 12.0]}
+    agd = _recipe(tmp_path / "agd", agd_recipe)
+    trailing = {"timestep_spacing": "trailing"}
+    per_step = StepRecipe(2, 0.0, "DDIMScheduler", trailing)
+    tscd = Recipe("tscd", 1, 0.0, [999], "DDIMScheduler", trailing, sampler="ddim", step_counts=[1, 2, 4, 8])
+    tscd.recipes = {2: per_step}
+    student = _recipe(tmp_path / "tscd", tscd, lora="lora/pytorch_lora_weights.safetensors")
     (tmp_path / "tscd" / "pipeline" / "scheduler").mkdir(parents=True)
     saved = {"_class_name": "DDIMScheduler", "set_alpha_to_one": True, "timestep_spacing": "leading"}
     (tmp_path / "tscd" / "pipeline" / "scheduler" / "scheduler_config.json").write_text(json.dumps(saved))
     s = bench_quality.export_system(agd, guidance_scale=3.0)  # an AGD export at any w
     assert s.guidance_scale == 3.0 and "guidance_scale" not in s.extra and s.steps == 25
+    assert bench_quality.export_system(agd, steps=7).steps == 7  # ... and any step count
     s = bench_quality.stacked_system(agd, student, steps=2, guidance_scale=1.5)
     assert (s.name, s.method, s.steps, s.guidance_scale) == ("agd+tscd-2-w1.5", "agd+tscd", 2, 1.5)
     assert s.pipeline == str(tmp_path / "agd" / "pipeline")
@@ -75,10 +79,13 @@ def test_agd_stacked_on_a_student_lora_takes_the_students_sampler_and_one_call_p
     assert s.scheduler == {"class": "DDIMScheduler", "timestep_spacing": "trailing", "set_alpha_to_one": True}
     assert s.lora == str(tmp_path / "tscd" / "lora" / "pytorch_lora_weights.safetensors")
     assert bench_quality.nfe(s) == 2  # AGD's guidance needs no second UNet call
-    full = _recipe(tmp_path / "dmd2", method="dmd2", num_inference_steps=1, guidance_scale=0.0)
+    with pytest.raises(ValueError, match=r"samples at \[1, 2, 4, 8\] step"):  # the student's own rule
+        bench_quality.stacked_system(agd, student, steps=3, guidance_scale=1.5)
+    dmd2 = Recipe("dmd2", 1, 0.0, [999], "LCMScheduler", {"original_inference_steps": 1}, step_counts=[1])
+    full = _recipe(tmp_path / "dmd2", dmd2)
     with pytest.raises(ValueError, match="no LoRA"):
         bench_quality.stacked_system(agd, full, steps=1, guidance_scale=1.5)
-    with pytest.raises(ValueError, match="not an AGD export"):
+    with pytest.raises(ValueError, match="not a guidance-adapter export"):
         bench_quality.stacked_system(student, student, steps=2, guidance_scale=1.5)
 
 

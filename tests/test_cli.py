@@ -87,3 +87,28 @@ def test_demo_threads_reach_the_recipe(monkeypatch, tmp_path):
     ]  # the digits recipes' cpu_threads: 0 would win
     main(["demo", "--output-dir", str(tmp_path), "max_steps=2"])
     assert seen["overrides"] == ["max_steps=2"]  # default: the recipe's own setting (all cores)
+
+
+def test_generate_refuses_a_step_count_the_export_does_not_sample_at(tmp_path, capsys):
+    from fastdiff.recipe import RECIPE_FILE, Recipe
+
+    recipe = Recipe("dmd2", 4, 0.0, [999, 749, 499, 249], "LCMScheduler", {"original_inference_steps": 4})
+    recipe.step_counts = [1, 2, 3, 4]
+    (tmp_path / RECIPE_FILE).write_text(json.dumps(recipe.to_json()))
+    with pytest.raises(SystemExit) as info:  # refused before any pipeline is loaded
+        main(["generate", str(tmp_path), "a photo of a cat", "--steps", "5"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "[1, 2, 3, 4] step(s)" in err and "not 5" in err
+
+
+def test_prepare_of_a_method_without_a_stage(tiny_teachers, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    main(["prepare", f"teacher={tiny_teachers['sd15']}", f"prompts={prompts}", f"output_dir={tmp_path}"])
+    assert "this method has no stage before training" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["prepare", "teacher=/x", "method=nosuch"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'nosuch'" in err and "dmd2" in err and "agd" in err

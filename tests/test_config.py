@@ -5,14 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from fastdiff.config import ConfigError, DMD2Config, TrainConfig, from_dict, load_config, to_dict
-from fastdiff.methods import METHODS
+from fastdiff.config import ConfigError, OptimizerConfig, TrainConfig, from_dict, load_config, to_dict
+from fastdiff.methods import registry
+from fastdiff.methods.dmd2 import DMD2Config
+from fastdiff.methods.sid import SiDConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(
     p for p in (REPO / "assets" / "configs").glob("*.yaml") if not p.name.startswith("teacher_")
 )  # distillation recipes; teacher_*.yaml: tests/test_digits_teacher.py
-TOP_KEYS = sorted(f.name for f in dataclasses.fields(TrainConfig))
+TOP_KEYS = sorted(
+    f.name for f in dataclasses.fields(TrainConfig) if f.name != "section"
+)  # `section` holds the method's section: it is read under the method's name, not as a key
 DMD2_KEYS = sorted(f.name for f in dataclasses.fields(DMD2Config))
 
 
@@ -38,11 +42,11 @@ def test_yaml_values_and_defaults(tmp_path):
     assert isinstance(cfg, TrainConfig)
     assert cfg.teacher == "/models/sdxl"
     assert cfg.max_steps == 20
-    assert cfg.dmd2.guidance_scale == 3.0
-    assert cfg.dmd2.student_timesteps == [399]
+    assert cfg.section.guidance_scale == 3.0
+    assert cfg.section.student_timesteps == [399]
     # untouched keys keep their defaults, in the section too
     assert cfg.train_batch_size == TrainConfig().train_batch_size
-    assert cfg.dmd2.generator_lr == DMD2Config().generator_lr
+    assert cfg.section.generator_lr == DMD2Config().generator_lr
 
 
 def test_overrides_are_typed_like_yaml():
@@ -58,7 +62,7 @@ def test_overrides_are_typed_like_yaml():
             "validation_prompts=[a cat, a dog]",
             "dmd2.generator_lr=1e-5",
             "dmd2.student_timesteps=[999, 499]",
-            "dmd2.betas=[0.0, 0.99]",
+            "dmd2.optim.betas=[0.0, 0.99]",
             "dmd2.ema_decay=0.999",
         ],
     )
@@ -68,13 +72,13 @@ def test_overrides_are_typed_like_yaml():
     assert cfg.resolution == 64
     assert cfg.gradient_checkpointing is True
     assert cfg.validation_prompts == ["a cat", "a dog"]
-    assert cfg.dmd2.generator_lr == pytest.approx(1e-5) and type(cfg.dmd2.generator_lr) is float
-    assert cfg.dmd2.student_timesteps == [999, 499]
-    assert all(type(t) is int for t in cfg.dmd2.student_timesteps)
-    assert cfg.dmd2.betas == [0.0, 0.99]
-    assert cfg.dmd2.ema_decay == 0.999
+    assert cfg.section.generator_lr == pytest.approx(1e-5) and type(cfg.section.generator_lr) is float
+    assert cfg.section.student_timesteps == [999, 499]
+    assert all(type(t) is int for t in cfg.section.student_timesteps)
+    assert cfg.section.optim.betas == [0.0, 0.99]
+    assert cfg.section.ema_decay == 0.999
     # the rest of the section is untouched by a dotted override
-    assert cfg.dmd2.fake_lr == DMD2Config().fake_lr
+    assert cfg.section.fake_lr == DMD2Config().fake_lr
 
 
 def test_overrides_win_over_yaml_and_merge_into_sections(tmp_path):
@@ -82,8 +86,8 @@ def test_overrides_win_over_yaml_and_merge_into_sections(tmp_path):
     cfg = load_config(path, ["teacher=/b", "dmd2.lora_rank=16"])
     assert cfg.teacher == "/b"
     assert cfg.max_steps == 20
-    assert cfg.dmd2.lora_rank == 16
-    assert cfg.dmd2.guidance_scale == 3.0  # the YAML's sibling key survives the dotted override
+    assert cfg.section.lora_rank == 16
+    assert cfg.section.guidance_scale == 3.0  # the YAML's sibling key survives the dotted override
 
 
 def test_override_value_may_contain_equals_sign():
@@ -209,7 +213,7 @@ def test_to_dict_from_dict_round_trip():
     assert isinstance(data, dict) and isinstance(data["dmd2"], dict)
     assert data["dmd2"]["student_timesteps"] == [399]
     back = from_dict(data)
-    assert isinstance(back, TrainConfig) and isinstance(back.dmd2, DMD2Config)
+    assert isinstance(back, TrainConfig) and isinstance(back.section, DMD2Config)
     assert back == cfg
     assert to_dict(back) == data
 
@@ -231,15 +235,159 @@ def test_there_are_recipes():
 def test_shipped_recipe_loads(recipe):
     cfg = load_config(recipe, ["teacher=/x"])
     assert cfg.teacher == "/x"
-    assert cfg.method in METHODS
-    assert all(0 <= t < 1000 for t in cfg.dmd2.student_timesteps)
+    assert cfg.method in registry.names()
+    assert isinstance(cfg.section, registry.get(cfg.method).config)
+    # the section is the recipe's own method's: its student timesteps (where it has them) are in range
+    assert all(0 <= t < 1000 for t in getattr(cfg.section, "student_timesteps", []))
 
 
 def test_yaml_no_and_off_stay_strings(tmp_path):
     cfg = load_config(None, ["teacher=/x", "mixed_precision=no", "dmd2.gan=off"])
-    assert cfg.mixed_precision == "no" and cfg.dmd2.gan == "off"
+    assert cfg.mixed_precision == "no" and cfg.section.gan == "off"
     path = _write(
         tmp_path, "teacher: /x\nmixed_precision: no\ndmd2:\n  gan: on\n  backward_simulation: false\n"
     )
     cfg = load_config(path)
-    assert cfg.mixed_precision == "no" and cfg.dmd2.gan == "on" and cfg.dmd2.backward_simulation is False
+    assert (
+        cfg.mixed_precision == "no" and cfg.section.gan == "on" and cfg.section.backward_simulation is False
+    )
+
+
+# --- method sections and their optim sub-section ----------------------------------------------------------------
+def test_optim_override_reaches_the_built_methods_groups(tiny_teachers):
+    from fastdiff.methods import build
+    from fastdiff.run import run_context
+    from fastdiff.teacher import Teacher
+
+    cfg = load_config(
+        None,
+        [
+            f"teacher={tiny_teachers['sdxl']}",
+            "dmd2.optim.warmup_steps=3",
+            "dmd2.optim.lr_schedule=cosine",
+            "dmd2.lora_rank=4",
+            "dmd2.lora_alpha=4",
+        ],
+    )
+    assert isinstance(cfg.section.optim, OptimizerConfig)
+    assert cfg.section.optim.warmup_steps == 3
+    # the rest of the optim sub-section keeps DMD2's own defaults, not OptimizerConfig's
+    assert cfg.section.optim.weight_decay == DMD2Config().optim.weight_decay == 0.01
+    assert cfg.section.optim.max_grad_norm == DMD2Config().optim.max_grad_norm == 10.0
+    method = build(run_context(cfg, Teacher(cfg.teacher), with_data=False))
+    groups = method.groups()
+    assert [g.name for g in groups] == ["generator", "critic"]
+    for g in groups:
+        assert g.warmup_steps == 3
+        assert g.lr_schedule == "cosine"
+        assert g.weight_decay == 0.01 and g.max_grad_norm == 10.0 and g.optimizer == "adamw"
+    # learning rates stay in the method's section
+    assert [g.lr for g in groups] == [cfg.section.generator_lr, cfg.section.fake_lr]
+
+
+@pytest.mark.parametrize(
+    ("method", "defaults"),
+    [
+        ("dmd2", dict(weight_decay=0.01, warmup_steps=500, max_grad_norm=10.0)),
+        ("sid", dict(betas=[0.0, 0.999])),
+        ("tscd", dict(weight_decay=1e-3, warmup_steps=500, max_grad_norm=1.0)),
+        ("agd", dict(warmup_steps=500, lr_schedule="cosine", max_grad_norm=1.0)),
+    ],
+)
+def test_each_method_has_its_own_optim_defaults_and_overrides(method, defaults):
+    from fastdiff.methods.base import optimizer_settings
+
+    cfg = load_config(None, ["teacher=/x", f"method={method}"])
+    assert isinstance(cfg.section, registry.get(method).config)
+    expected = dataclasses.asdict(OptimizerConfig(**defaults))
+    assert dataclasses.asdict(cfg.section.optim) == expected
+    cfg = load_config(
+        None, ["teacher=/x", f"method={method}", f"{method}.optim.warmup_steps=3", f"{method}.optim.eps=1e-6"]
+    )
+    settings = optimizer_settings(cfg.section.optim, method)
+    assert settings["warmup_steps"] == 3 and settings["eps"] == 1e-6
+    assert settings["betas"] == tuple(defaults.get("betas", [0.9, 0.999]))  # untouched keys keep the defaults
+
+
+def test_optim_bad_values_name_the_key():
+    from fastdiff.methods.base import optimizer_settings
+
+    cfg = load_config(None, ["teacher=/x", "dmd2.optim.lr_schedule=linear"])
+    with pytest.raises(
+        ValueError, match=r"dmd2\.optim\.lr_schedule must be constant or cosine, got 'linear'"
+    ):
+        optimizer_settings(cfg.section.optim, "dmd2")
+    cfg = load_config(None, ["teacher=/x", "dmd2.optim.optimizer=sgd"])
+    with pytest.raises(ValueError, match=r"dmd2\.optim\.optimizer must be adamw or adamw8bit"):
+        optimizer_settings(cfg.section.optim, "dmd2")
+
+
+def test_unknown_optim_key_names_the_dotted_key_and_lists_the_optim_keys():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["teacher=/x", "dmd2.optim.warmup=3"])
+    msg = str(info.value)
+    assert "dmd2.optim.warmup" in msg
+    _assert_lists_keys(msg, sorted(f.name for f in dataclasses.fields(OptimizerConfig)))
+
+
+def test_optimizer_keys_moved_out_of_the_method_section():
+    for key in ("warmup_steps=0", "lr_schedule=cosine", "betas=[0.0, 0.99]", "max_grad_norm=1.0"):
+        with pytest.raises(ConfigError, match=r"dmd2\." + key.split("=")[0]):
+            load_config(None, ["teacher=/x", f"dmd2.{key}"])
+
+
+def test_saved_config_holds_only_the_selected_methods_section():
+    for method in registry.names():
+        data = to_dict(load_config(None, ["teacher=/x", f"method={method}"]))
+        assert data["method"] == method
+        assert "section" not in data
+        assert [k for k in data if k in registry.names()] == [method]
+        assert isinstance(data[method], dict) and isinstance(data[method]["optim"], dict)
+        assert from_dict(data) == load_config(None, ["teacher=/x", f"method={method}"])
+    data = to_dict(load_config(None, ["teacher=/x", "method=sid", "sid.optim.warmup_steps=7"]))
+    assert data["sid"]["optim"]["warmup_steps"] == 7
+    assert "dmd2" not in data and "tscd" not in data and "agd" not in data
+
+
+def test_hand_built_config_saves_its_section_under_the_method_name():
+    cfg = TrainConfig(method="sid", teacher="/x")
+    cfg.section = SiDConfig(num_steps=4, optim=OptimizerConfig(betas=[0.0, 0.999], warmup_steps=2))
+    data = to_dict(cfg)
+    assert data["sid"]["num_steps"] == 4 and data["sid"]["optim"]["warmup_steps"] == 2
+    assert [k for k in data if k in registry.names()] == ["sid"]
+    back = from_dict(data)
+    assert isinstance(back.section, SiDConfig) and back == cfg
+
+
+def test_section_of_another_method_is_an_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["teacher=/x", "sid.num_steps=4"])  # the method is dmd2 (the default)
+    msg = str(info.value)
+    assert "config section 'sid'" in msg and "belongs to method sid" in msg and "the method is dmd2" in msg
+    assert "command-line overrides" in msg
+    path = _write(tmp_path, "teacher: /x\nmethod: sid\ndmd2:\n  guidance_scale: 3.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert "config section 'dmd2'" in msg and "the method is sid" in msg and str(path) in msg
+    # a saved config with a second section is refused too
+    data = to_dict(load_config(None, ["teacher=/x"]))
+    data["tscd"] = {}
+    with pytest.raises(ConfigError, match="config section 'tscd'"):
+        from_dict(data)
+
+
+def test_method_selected_by_override_reads_the_yaml_section_of_that_method(tmp_path):
+    path = _write(tmp_path, "teacher: /x\nmethod: dmd2\n")
+    cfg = load_config(path, ["method=sid", "sid.num_steps=4"])
+    assert cfg.method == "sid" and isinstance(cfg.section, SiDConfig) and cfg.section.num_steps == 4
+
+
+def test_unknown_method_lists_the_registered_names():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["teacher=/x", "method=dmd3"])
+    msg = str(info.value)
+    assert "dmd3" in msg
+    for name in registry.names():
+        assert name in msg
+    assert set(registry.names()) >= {"dmd2", "sid", "tscd", "agd"}

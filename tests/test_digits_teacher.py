@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastdiff.config import ConfigError
-from fastdiff.digits_teacher import (
+from fastdiff.digits.teacher import (
     TeacherConfig,
     assemble_pipeline,
     build_text_encoders,

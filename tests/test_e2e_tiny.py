@@ -203,8 +203,21 @@ def _agd_timesteps(cfg) -> list[int]:
     from fastdiff.teacher import Teacher
 
     teacher = Teacher(cfg.teacher)
-    sched = make_scheduler(teacher.pipeline.scheduler, cfg.agd.scheduler, cfg.agd.scheduler_kwargs)
-    sched.set_timesteps(cfg.agd.num_inference_steps)
+    sched = make_scheduler(teacher.pipeline.scheduler, cfg.section.scheduler, cfg.section.scheduler_kwargs)
+    sched.set_timesteps(cfg.section.num_inference_steps)
+    return [int(t) for t in sched.timesteps.tolist()]
+
+
+def _recipe_timesteps(step: dict, teacher: str) -> list[int]:
+    """The timesteps a per-step-count recipe of fastdiff.json samples at: its explicit ``timesteps``, else those its
+    scheduler (class + kwargs on the teacher's scheduler config) derives from its step count."""
+    from fastdiff.recipe import make_scheduler
+
+    if "timesteps" in step:
+        return list(step["timesteps"])
+    config = json.loads((Path(teacher) / "scheduler/scheduler_config.json").read_text())
+    sched = make_scheduler(config, step["scheduler"], step["scheduler_kwargs"])
+    sched.set_timesteps(step["num_inference_steps"])
     return [int(t) for t in sched.timesteps.tolist()]
 
 
@@ -236,22 +249,26 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
     if cfg.cpu_threads is not None:  # the digits recipes use every core even under plain `accelerate launch`
         assert torch.get_num_threads() == cpu_threads(cfg.cpu_threads, 1)
     recipe_out = json.loads((tmp_path / "fastdiff.json").read_text())
-    method_cfg = getattr(cfg, cfg.method)
+    method_cfg = cfg.section
     if cfg.method == "sid":  # one generator for 1..K steps, each on its own grid, derived by one scheduler
         from fastdiff.methods.sid import step_timesteps
 
         expected = step_timesteps(method_cfg.num_steps, method_cfg.init_timestep)
         by_k = recipe_out.get("recipes", {})
-        assert [r["timesteps"] for r in by_k.values()] == [
+        assert [_recipe_timesteps(r, tiny_teachers[family]) for r in by_k.values()] == [
             step_timesteps(k, method_cfg.init_timestep) for k in range(1, len(by_k) + 1)
         ] and len(by_k) in (0, method_cfg.num_steps)
+        assert recipe_out["step_counts"] == list(range(1, method_cfg.num_steps + 1))  # a K-step SiD: 1..K
         tol = 0.25 if cfg.mixed_precision == "bf16" else 1e-3
         assert all(d < tol for d in recipe_out["check"].get("max_abs_diff_latents_by_steps", {}).values())
     else:
         expected = (
             method_cfg.student_timesteps if cfg.method == "dmd2" else ddim_timesteps(method_cfg.segments[-1])
         ) if cfg.method != "agd" else _agd_timesteps(cfg)  # fmt: skip
-    assert recipe_out["timesteps"] == list(expected) and recipe_out["timesteps_derivable"]
+    # StableDiffusionPipeline resets a scheduler's steps_offset to 1 on load, so one step at t != 999 is passed as
+    # explicit timesteps there (SDXL keeps the offset and derives it)
+    offset_lost = family == "sd15" and len(expected) == 1 and expected[0] != 999
+    assert recipe_out["timesteps"] == list(expected) and recipe_out["timesteps_derivable"] != offset_lost
     # The export's self-check compares fastdiff's sampler with the exported pipeline. These recipes train in bf16,
     # which rounds the frozen teacher weights held in memory, while the export rebuilds from the fp32 teacher folder:
     # through four steps of a random tiny UNet that is about 0.1; a wrong scheduler differs by O(1). (fp32 runs
@@ -281,13 +298,21 @@ def test_tscd_lora_runs_at_1_2_4_8_steps_with_the_recorded_schedulers(
     train(cfg)
     recipe = json.loads((out / "fastdiff.json").read_text())
     assert recipe["sampler"] == "ddim" and set(recipe["recipes"]) == {"1", "2", "4", "8"}
+    assert recipe["step_counts"] == [1, 2, 4, 8]  # its trained count (1) and Hyper-SD's 1, 2, 4, 8
+    by_steps = recipe["check"]["max_abs_diff_latents_by_steps"]  # the export's self-check covers each recipe
+    assert set(by_steps) == {"1", "2", "4", "8"}
+    assert all(
+        d < (0.05 if recipe["recipes"][k]["scheduler"] == "TCDScheduler" else 1e-3)
+        for k, d in by_steps.items()
+    )
     method, teacher, _ = load_checkpoint_method(out / "checkpoints/checkpoint-4")
     pipe = DiffusionPipeline.from_pretrained(tiny_teachers["sdxl"])
     pipe.load_lora_weights(out / "lora")
     cond = teacher.encode([PROMPT])
     for steps, r in recipe["recipes"].items():
         cls = {"DDIMScheduler": DDIMScheduler, "TCDScheduler": TCDScheduler}[r["scheduler"]]
-        extra = {"timestep_spacing": r["timestep_spacing"]} if "timestep_spacing" in r else {}
+        extra = r["scheduler_kwargs"]  # e.g. {"timestep_spacing": "trailing"} for DDIM
+        assert r["num_inference_steps"] == int(steps) and r["lora"] is None
         pipe.scheduler = cls.from_config(
             pipe.scheduler.config, set_alpha_to_one=True, clip_sample=False, **extra
         )

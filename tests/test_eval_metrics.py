@@ -1,10 +1,10 @@
-"""Evaluation classifier and digit metrics (fastdiff.eval.classifier / fastdiff.eval.metrics) on known cases."""
+"""Evaluation classifier and digit metrics (fastdiff.digits.classifier / fastdiff.eval.metrics) on known cases."""
 
 import pytest
 import torch
 
-from fastdiff.eval.classifier import DigitClassifier, load_classifier, reward_logprob
-from fastdiff.eval.digits import load_split
+from fastdiff.digits.classifier import DigitClassifier, load_classifier, reward_logprob
+from fastdiff.digits.data import load_split
 from fastdiff.eval.metrics import (
     DigitsEvaluator,
     fd_digits,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastdiff.demo import DIGITS_TEACHER
-from fastdiff.eval.digits import load_split, prompt_for
+from fastdiff.digits.data import load_split, prompt_for
 from fastdiff.methods.tscd.reward import build_reward
 from fastdiff.teacher import Teacher
 
@@ -116,12 +116,17 @@ def test_reward_names_are_checked(tiny_teachers, tmp_path):
 
 def test_tscd_reward_term_from_config(digits_teacher):
     from fastdiff.config import load_config
-    from fastdiff.methods import build_method
+    from fastdiff.methods import build
+    from fastdiff.run import run_context
 
     cfg = load_config(
-        "assets/configs/digits_tscd.yaml", [f"teacher={DIGITS_TEACHER}", "tscd.reward_weight=0.1"]
+        "assets/configs/digits_tscd.yaml",
+        [f"teacher={DIGITS_TEACHER}", "tscd.reward_weight=0.1", "resolution=32"],
     )
-    method = build_method(cfg, digits_teacher, digits_teacher.latent_shape(32), with_real_data=True)
+    ctx = run_context(cfg, digits_teacher, with_data=False)
+    ctx.with_real_data = True
+    assert ctx.latent_shape == digits_teacher.latent_shape(32)
+    method = build(ctx)
     images, labels = load_split("train")
     prompts = [prompt_for(int(y)) for y in labels[:4]]
     batch = {

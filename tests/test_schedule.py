@@ -11,7 +11,8 @@ from diffusers import (
 )
 
 from fastdiff import schedule
-from fastdiff.export import derive_scheduler, image_grid, pipeline_kwargs
+from fastdiff.export import image_grid
+from fastdiff.recipe import Recipe, derive_scheduler, make_scheduler
 
 BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
@@ -37,6 +38,15 @@ def _sdxl_scheduler_config(prediction_type="epsilon") -> dict:
             **BETAS, prediction_type=prediction_type, steps_offset=1, timestep_spacing="leading"
         ).config
     )
+
+
+def _derive(timesteps, prediction_type="epsilon"):
+    """``derive_scheduler``'s (class name, kwargs, derivable) with the scheduler they make from the config."""
+    config = _sdxl_scheduler_config(prediction_type)
+    name, kwargs, derivable = derive_scheduler(config, timesteps)
+    sched = make_scheduler(config, name, kwargs)
+    assert type(sched).__name__ == name
+    return sched, derivable
 
 
 # --- parametrisations -------------------------------------------------------------------------------------------
@@ -133,16 +143,10 @@ def test_snr_monotone_decreasing(acp):
     assert (snr[1:] < snr[:-1]).all()
 
 
-def test_uniform_timesteps_range():
-    t = schedule.uniform_timesteps(2000, 20, 980, generator=torch.Generator().manual_seed(0))
-    assert t.dtype == torch.int64
-    assert int(t.min()) >= 20 and int(t.max()) < 980
-
-
 # --- exported scheduler -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("timesteps", [[999], [999, 749, 499, 249], [999, 499]])
 def test_derive_lcm(timesteps):
-    sched, derivable = derive_scheduler(_sdxl_scheduler_config(), timesteps)
+    sched, derivable = _derive(timesteps)
     assert isinstance(sched, LCMScheduler)
     assert derivable is True
     sched.set_timesteps(len(timesteps))
@@ -155,7 +159,7 @@ def test_derive_lcm(timesteps):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_derive_single_step_at_399(acp, prediction_type):
-    sched, derivable = derive_scheduler(_sdxl_scheduler_config(prediction_type), [399])
+    sched, derivable = _derive([399], prediction_type)
     assert isinstance(sched, DDIMScheduler)
     assert derivable is True
     fresh = DDIMScheduler.from_config(sched.config)  # what a user gets from the saved folder
@@ -173,7 +177,7 @@ def test_derive_single_step_at_399(acp, prediction_type):
 
 @pytest.mark.parametrize("timesteps", [[999, 600, 100], [500, 250], [749, 499]])
 def test_derive_not_derivable(timesteps):
-    sched, derivable = derive_scheduler(_sdxl_scheduler_config(), timesteps)
+    sched, derivable = _derive(timesteps)
     assert derivable is False
     assert isinstance(sched, LCMScheduler)
     sched.set_timesteps(timesteps=timesteps)  # the explicit list still works
@@ -182,29 +186,37 @@ def test_derive_not_derivable(timesteps):
 
 def _recipe(timesteps, derivable):
     return {
+        "method": "dmd2",
         "num_inference_steps": len(timesteps),
         "guidance_scale": 0.0,
         "timesteps": timesteps,
         "timesteps_derivable": derivable,
+        "scheduler": "LCMScheduler",
     }
+
+
+def _call_kwargs(recipe: dict, steps=None) -> dict:
+    return Recipe.from_json(recipe).for_steps(steps).call_kwargs()
 
 
 def test_pipeline_kwargs():
-    assert pipeline_kwargs(_recipe([999, 749, 499, 249], True)) == {
+    assert _call_kwargs(_recipe([999, 749, 499, 249], True)) == {
         "num_inference_steps": 4,
         "guidance_scale": 0.0,
     }
-    assert pipeline_kwargs(_recipe([999, 600, 100], False)) == {
+    assert _call_kwargs(_recipe([999, 600, 100], False)) == {
         "num_inference_steps": 3,
         "guidance_scale": 0.0,
         "timesteps": [999, 600, 100],
     }
+    # the recorded step count asked for explicitly is the same call
+    assert _call_kwargs(_recipe([999, 600, 100], False), 3) == _call_kwargs(_recipe([999, 600, 100], False))
 
 
 def test_pipeline_kwargs_from_derive_scheduler():
     for timesteps in ([399], [999, 600, 100]):
-        _, derivable = derive_scheduler(_sdxl_scheduler_config(), timesteps)
-        kw = pipeline_kwargs(_recipe(timesteps, derivable))
+        _, _, derivable = derive_scheduler(_sdxl_scheduler_config(), timesteps)
+        kw = _call_kwargs(_recipe(timesteps, derivable))
         assert ("timesteps" in kw) is (not derivable)
 
 
@@ -229,3 +241,21 @@ def test_image_grid_places_images():
     assert (grid[:2, 2:] == 255).all()  # image 1: row 0, col 1
     assert (grid[2:, :2] == torch.tensor([255, 0, 0])).all()  # image 2: row 1, col 0, red channel only
     assert (grid[2:, 2:] == 0).all()  # empty cell
+
+
+def test_recipe_for_steps_is_the_one_rule_for_step_counts():
+    ts = [999, 749, 499, 249]
+    recipe = Recipe(
+        "dmd2", 4, 0.0, ts, "LCMScheduler", {"original_inference_steps": 4}, step_counts=[1, 2, 3, 4]
+    )
+    assert recipe.for_steps().call_kwargs() == {"num_inference_steps": 4, "guidance_scale": 0.0}
+    assert recipe.for_steps(2).call_kwargs() == {"num_inference_steps": 2, "guidance_scale": 0.0}
+    for bad in (0, 5, 8):
+        with pytest.raises(ValueError, match=r"samples at \[1, 2, 3, 4\] step\(s\)") as info:
+            recipe.for_steps(bad)
+        assert f"not {bad}" in str(info.value)
+    anything = Recipe("agd", 50, 5.0, list(range(999, 0, -20)), "DDIMScheduler", step_counts=None)
+    assert anything.for_steps(7).call_kwargs() == {"num_inference_steps": 7, "guidance_scale": 5.0}
+    # a round trip through fastdiff.json keeps the rule
+    back = Recipe.from_json(recipe.to_json())
+    assert back.allowed_steps() == [1, 2, 3, 4] and back.to_json() == recipe.to_json()

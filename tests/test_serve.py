@@ -32,15 +32,16 @@ def make_export(teacher: str, out: Path) -> Path:
     """A real fastdiff export of a 4-step DMD2 LoRA student (weights randomised instead of trained)."""
     from fastdiff.config import load_config, to_dict
     from fastdiff.export import export
-    from fastdiff.methods import build_method
+    from fastdiff.methods import build
     from fastdiff.models.lora import adapter_parameters
+    from fastdiff.run import run_context
     from fastdiff.teacher import Teacher
 
     cfg = load_config(
         REPO / "assets/configs/tiny_sdxl_dmd2.yaml", [f"teacher={teacher}", f"output_dir={out}"]
     )
     t = Teacher(teacher)
-    method = build_method(cfg, t, t.latent_shape(), with_real_data=False)
+    method = build(run_context(cfg, t, with_data=False))
     gen = method.generator
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -377,6 +378,7 @@ def test_kohya_lora_and_fastdiff_export_are_served_with_the_export_recipe(server
         listed["distilled"]["kind"] == "fastdiff-export"
         and listed["distilled"]["recipe"]["num_inference_steps"] == 4
     )
+    assert listed["distilled"]["recipe"]["step_counts"] == [1, 2, 3, 4]  # a 4-step LCM export: 1..4 steps
     assert listed["style_b_kohya"]["format"] == "kohya"
     text = client.get("/metrics").text
     for name in (
@@ -388,7 +390,7 @@ def test_kohya_lora_and_fastdiff_export_are_served_with_the_export_recipe(server
 
 
 def test_export_recipe_overrides_are_limited():
-    lcm = {"num_inference_steps": 4, "guidance_scale": 0.0, "timesteps": [999, 749, 499, 249], "scheduler": "LCMScheduler", "timesteps_derivable": True, "lora_scale": 1.0}  # fmt: skip
+    lcm = {"method": "dmd2", "num_inference_steps": 4, "guidance_scale": 0.0, "timesteps": [999, 749, 499, 249], "scheduler": "LCMScheduler", "scheduler_kwargs": {"original_inference_steps": 4}, "timesteps_derivable": True, "sampler": "lcm", "step_counts": [1, 2, 3, 4], "recipes": {}, "lora_scale": 1.0}  # fmt: skip
     sched = {"num_train_timesteps": 1000, "original_inference_steps": 4}
     a = Adapter("lcm", Path("x.safetensors"), "diffusers", Path("x"), 1, recipe=lcm, scheduler_config=sched)
     s = sampling_for(a, None, None)
@@ -399,19 +401,26 @@ def test_export_recipe_overrides_are_limited():
         None,
     )
     assert sampling_for(a, 2, 1.5).num_inference_steps == 2 and sampling_for(a, 2, 1.5).guidance_scale == 1.5
-    odd = {**lcm, "num_inference_steps": 2, "timesteps": [999, 333], "timesteps_derivable": False}
+    with pytest.raises(ValueError, match="samples at \\[1, 2, 3, 4\\] step"):
+        sampling_for(a, 5, None)  # a K-step LCM export: 1..K
+    odd = {**lcm, "num_inference_steps": 2, "timesteps": [999, 333], "timesteps_derivable": False, "step_counts": [2]}  # fmt: skip
     b = Adapter("odd", Path("x.safetensors"), "diffusers", Path("x"), 1, recipe=odd, scheduler_config=sched)
     assert sampling_for(b, None, None).timesteps == (999, 333)  # passed explicitly
-    with pytest.raises(ValueError, match="sampled at \\[2\\] step"):
+    with pytest.raises(ValueError, match="samples at \\[2\\] step"):
         sampling_for(b, 4, None)
-    ddim = {**lcm, "scheduler": "DDIMScheduler", "sampler": "ddim", "recipes": {
-        "1": {"num_inference_steps": 1, "guidance_scale": 0.0, "scheduler": "TCDScheduler", "eta": 1.0},
-        "2": {"num_inference_steps": 2, "guidance_scale": 0.0, "scheduler": "DDIMScheduler", "timestep_spacing": "trailing"},
+    ddim = {**lcm, "method": "tscd", "scheduler": "DDIMScheduler", "scheduler_kwargs": {"timestep_spacing": "trailing"}, "sampler": "ddim", "step_counts": [1, 2, 4], "recipes": {
+        "1": {"num_inference_steps": 1, "guidance_scale": 0.0, "scheduler": "TCDScheduler", "scheduler_kwargs": {}, "lora": None, "eta": 1.0},
+        "2": {"num_inference_steps": 2, "guidance_scale": 0.0, "scheduler": "DDIMScheduler", "scheduler_kwargs": {"timestep_spacing": "trailing"}, "lora": None},
     }}  # fmt: skip
     c = Adapter("tscd", Path("x.safetensors"), "diffusers", Path("x"), 1, recipe=ddim, scheduler_config=sched)
     one = sampling_for(c, 1, None)
     assert (one.scheduler, one.eta) == ("TCDScheduler", 1.0)
-    with pytest.raises(ValueError, match="sampled at \\[1, 2, 4\\] step"):
+    two = sampling_for(c, 2, None)
+    assert (
+        two.scheduler == "DDIMScheduler"
+        and json.loads(two.scheduler_config)["timestep_spacing"] == "trailing"
+    )
+    with pytest.raises(ValueError, match="samples at \\[1, 2, 4\\] step"):
         sampling_for(c, 3, None)
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastdiff.config import DMD2Config, TrainConfig
-from fastdiff.methods.dmd2 import DMD2
+from fastdiff.config import OptimizerConfig, TrainConfig
+from fastdiff.methods.dmd2 import DMD2, DMD2Config
 from fastdiff.models.denoiser import CFG
 from fastdiff.models.gmm import GMM, GMMDenoiser, MLPDenoiser, scaled_linear_alphas_cumprod
-from fastdiff.trainer import NonFiniteLossError, Trainer, find_checkpoint
+from fastdiff.trainer import NonFiniteLossError, Trainer, find_checkpoint, make_optimizer
 
 
 def make_method(seed=0):
@@ -20,8 +20,9 @@ def make_method(seed=0):
     real = CFG(GMMDenoiser(gmm, acp), 1.0, lambda n: torch.full((n,), -1))
     gen = MLPDenoiser(acp, dim=2, num_classes=2, hidden=32, prediction_type="sample")
     fake = MLPDenoiser(acp, dim=2, num_classes=2, hidden=32)
+    optim = OptimizerConfig(weight_decay=0.01, warmup_steps=0, max_grad_norm=10.0)  # DMD2's, no warm-up
     cfg = DMD2Config(
-        student_timesteps=[999], generator_lr=1e-3, fake_lr=1e-3, warmup_steps=0, dfake_gen_update_ratio=3
+        student_timesteps=[999], generator_lr=1e-3, fake_lr=1e-3, optim=optim, dfake_gen_update_ratio=3
     )
     return DMD2(gen, fake, real, cfg, (2,), dict(gen.named_parameters()), dict(fake.named_parameters()))
 
@@ -137,3 +138,34 @@ def test_ema_weights_are_kept_and_used(tmp_path):
     assert any(not torch.equal(live[n], p) for n, p in trainer.groups[0].params.items())
     for n, p in trainer.groups[0].params.items():
         torch.testing.assert_close(p.detach(), ema[f"generator/{n}"])
+
+
+def test_train_step_is_one_iteration(tmp_path):
+    method = make_method()
+    cfg = TrainConfig(teacher="gmm", output_dir=str(tmp_path), max_steps=7, checkpointing_steps=100)
+    trainer = Trainer(method, cfg, batch_fn)
+    seen = []
+    original = method.loss
+    method.loss = lambda group, *a: seen.append(group) or original(group, *a)
+    terms = trainer.train_step()
+    assert trainer.step == 1 and seen == ["generator", "critic"]
+    assert {"generator/dm", "critic/fake_dsm", "generator/lr", "critic/lr"} <= set(terms)
+    seen.clear()
+    trainer.train_step()  # step 1: the critic only (the generator's interval is 3)
+    assert trainer.step == 2 and seen == ["critic"]
+    assert not (tmp_path / "checkpoints").exists()  # checkpointing is fit's, not train_step's
+
+
+def test_make_optimizer_follows_the_group():
+    groups = {g.name: g for g in make_method().groups()}
+    opt = make_optimizer(groups["critic"])
+    assert isinstance(opt, torch.optim.AdamW)
+    (pg,) = opt.param_groups
+    assert pg["lr"] == 1e-3 and pg["weight_decay"] == 0.01 and pg["betas"] == (0.9, 0.999)
+    assert len(pg["params"]) == len(groups["critic"].params)
+    groups["critic"].optimizer = "adamw8bit"
+    with pytest.raises(ValueError, match="adamw8bit"):
+        make_optimizer(groups["critic"], "cpu")
+    groups["critic"].optimizer = "sgd"
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        make_optimizer(groups["critic"])

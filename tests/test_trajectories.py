@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastdiff.config import AGDConfig, load_config
+from fastdiff.config import load_config
+from fastdiff.methods.agd import AGDConfig
 from fastdiff.methods.agd.trajectories import (
     TrajectoryError,
     TrajectoryStore,
@@ -160,6 +161,12 @@ def test_the_agd_trajectories_command_generates_then_resumes(tiny_teachers, tmp_
     with caplog.at_level("INFO", logger="fastdiff"):
         main(args)
     assert "0 shards generated, 2 already done" in caplog.text
+    # the general form, `fastdiff prepare` with the method named, runs the same stage on the same folder
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fastdiff"):
+        main(["prepare", "method=agd", *args[1:]])
+    assert "0 shards generated, 2 already done" in caplog.text
+    assert "3 trajectories, 6 records" in capsys.readouterr().out
 
 
 def test_the_plan_fingerprint_is_the_same_in_every_process(teacher):
@@ -169,7 +176,7 @@ def test_the_plan_fingerprint_is_the_same_in_every_process(teacher):
     import sys
 
     code = (
-        "import sys; from fastdiff.config import AGDConfig; from fastdiff.teacher import Teacher; "
+        "import sys; from fastdiff.methods.agd import AGDConfig; from fastdiff.teacher import Teacher; "
         "from fastdiff.methods.agd.trajectories import fingerprint, make_plan; t = Teacher(sys.argv[1]); "
         "c = AGDConfig(scheduler='DDIMScheduler'); print(fingerprint(make_plan(c, t, ['a'], None, t.resolution, 0)))"
     )

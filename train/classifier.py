@@ -1,14 +1,14 @@
 """Train the evaluation digit classifier: ``python train/classifier.py [--out DIR] [--seed 0] [--epochs 40]``.
 
 Trains on the fixed train split only (seeded), prints held-out accuracy, saves with safetensors. The default
-output is the folder that ships in the repo and that ``fastdiff.eval.classifier.load_classifier`` reads.
+output is the folder that ships in the repo and that ``fastdiff.digits.classifier.load_classifier`` reads.
 """
 
 import argparse
 
 import torch
 
-from fastdiff.eval.classifier import DEFAULT_PATH, train_classifier
+from fastdiff.digits.classifier import DEFAULT_PATH, train_classifier
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """Train the bundled digits teacher: ``python train/teacher.py --config assets/configs/teacher_digits.yaml``.
 
 Usage: ``python train/teacher.py --config RECIPE.yaml [key=value ...] [--out DIR] [--resume]``
-(default ``--out assets/teachers/digits-sdxl``). See ``fastdiff.digits_teacher``.
+(default ``--out assets/teachers/digits-sdxl``). See ``fastdiff.digits.teacher``.
 """
 
 import argparse
@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # (8 s vs 0.25 s) whenever another process held a core; PASSIVE waiting kept 2 threads at 0.7 s there.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fastdiff.digits_teacher import load_teacher_config, train_teacher  # noqa: E402
+from fastdiff.digits.teacher import load_teacher_config, train_teacher  # noqa: E402
 
 
 def main(argv=None):

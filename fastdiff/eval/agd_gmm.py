@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from .. import schedule
-from ..config import AGDConfig, TrainConfig
-from ..methods.agd import AGD, adapters_for, cfg_trajectory, make_scheduler
+from ..config import OptimizerConfig
+from ..methods.agd import AGD, AGDConfig, adapters_for, cfg_trajectory
 from ..models.denoiser import Denoiser
 from ..models.gmm import GMM, GMMDenoiser, scaled_linear_alphas_cumprod, timestep_embedding
-from ..trainer import Trainer
+from ..recipe import make_scheduler
+from .gmm_setup import null_labels, train
 
 NUM_CLASSES, DIM, STEPS = 3, 2, 25
 W_GRID = (1.0, 2.0, 3.0, 4.0)
@@ -145,12 +146,12 @@ def train_and_evaluate(
     }
 
     agd = AGDConfig(
-        hidden_dim=32, mlp_ratio=2.0, w_min=1.0, w_max=4.0, lr=1e-3, warmup_steps=100,
+        hidden_dim=32, mlp_ratio=2.0, w_min=1.0, w_max=4.0, lr=1e-3,
+        optim=OptimizerConfig(warmup_steps=100, lr_schedule="cosine", max_grad_norm=1.0),
         num_inference_steps=STEPS, guidance_scale=2.0,
     )  # fmt: skip
     adapters = adapters_for(net, agd).attach(net)
-    null = lambda k: torch.full((k,), -1, dtype=torch.long)  # noqa: E731
-    method = AGD(base, adapters, agd, (DIM,), ddim, null, negative_tokens=net.label_tokens)
+    method = AGD(base, adapters, agd, (DIM,), ddim, null_labels, negative_tokens=net.label_tokens)
 
     from ..data import sample_indices
 
@@ -159,21 +160,7 @@ def train_and_evaluate(
         return {k: v[idx] for k, v in records.items()}
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(
-            method="agd",
-            teacher="analytic-gmm",
-            output_dir=str(tmp_path or tmp),
-            seed=seed,
-            max_steps=agd_steps,
-            train_batch_size=512,
-            checkpointing_steps=10**9,
-            validation_steps=10**9,
-            report_to="none",
-            export=False,
-            agd=agd,
-        )
-        trainer = Trainer(method, cfg, batch_fn)
-        trainer.fit()
+        trainer = train(method, agd, NUM_CLASSES, agd_steps, 512, seed, str(tmp_path or tmp), batch_fn)
     method.eval()
 
     rows = []

@@ -29,7 +29,6 @@ error, sliced W2. tests/methods/test_dmd2_gmm.py asserts on the same set-up. Why
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -37,41 +36,12 @@ from pathlib import Path
 import torch
 
 from .. import schedule
-from ..config import DMD2Config, TrainConfig
-from ..methods.dmd2 import DMD2
+from ..config import OptimizerConfig
+from ..methods.dmd2 import DMD2, DMD2Config
 from ..models.denoiser import CFG
-from ..models.gmm import GMM, GMMDenoiser, MLPDenoiser, scaled_linear_alphas_cumprod
-from ..trainer import Trainer
+from ..models.gmm import GMM, GMMDenoiser, scaled_linear_alphas_cumprod
 from .gmm_metrics import gmm_report
-
-NUM_CLASSES, MODES_PER_CLASS, DIM, STD = 4, 2, 2, 0.3
-
-
-def paired_gmm() -> GMM:
-    """K = 8 modes on a circle, neighbours 8 std apart; class c owns the neighbouring modes 2c and 2c+1."""
-    K = NUM_CLASSES * MODES_PER_CLASS
-    radius = 8 * STD / (2 * math.sin(math.pi / K))
-    angle = 2 * math.pi * torch.arange(K, dtype=torch.float32) / K
-    means = torch.stack([radius * angle.cos(), radius * angle.sin()], dim=1)
-    weights = torch.softmax(0.5 * torch.randn(K, generator=torch.Generator().manual_seed(0)), dim=0)
-    return GMM(weights, means, STD, classes=torch.arange(K) // MODES_PER_CLASS)
-
-
-def pretrain_denoiser(net: MLPDenoiser, gmm: GMM, acp: torch.Tensor, steps: int, seed: int) -> None:
-    """Denoising pretraining on GMM samples in the net's own parametrisation, 10% null labels (for CFG)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(steps):
-        x0, labels, _ = gmm.sample(256, generator=g)
-        labels = torch.where(torch.rand(256, generator=g) < 0.1, -1, labels)
-        t = torch.randint(0, len(acp), (256,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        x_t = schedule.add_noise(x0, eps, t, acp)
-        target = schedule.target_for(net.prediction_type, x0, eps, t, acp)
-        loss = ((net.native(x_t, t, labels) - target) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+from .gmm_setup import DIM, MODES_PER_CLASS, NUM_CLASSES, networks, null_labels, paired_gmm, train
 
 
 def train_and_evaluate(
@@ -84,56 +54,23 @@ def train_and_evaluate(
 ) -> dict:
     """Pretrain fake score and generator, train DMD2 with the Trainer, print and return ``gmm_report``."""
     start, cpu_start = time.perf_counter(), time.process_time()
-    torch.manual_seed(seed)
-    acp = scaled_linear_alphas_cumprod()
     gmm = paired_gmm()
-    null = lambda n: torch.full((n,), -1, dtype=torch.long)  # noqa: E731
-    real = CFG(GMMDenoiser(gmm, acp), 1.0, null)  # the exact teacher, conditional
-
-    fake = MLPDenoiser(acp, dim=DIM, num_classes=NUM_CLASSES, hidden=128, depth=3, prediction_type="epsilon")
-    generator = MLPDenoiser(
-        acp, dim=DIM, num_classes=NUM_CLASSES, hidden=128, depth=7, prediction_type="sample"
+    teacher, fake, generator = networks(gmm, NUM_CLASSES, seed, pretrain_steps)
+    real = CFG(teacher, 1.0, null_labels)  # the exact teacher, conditional
+    cfg = DMD2Config(
+        guidance_scale=1.0,
+        student_timesteps=[999],
+        min_step=5,
+        max_step=600,
+        generator_lr=1e-3,
+        fake_lr=1e-3,
+        dfake_gen_update_ratio=4,
+        optim=OptimizerConfig(weight_decay=0.01, max_grad_norm=10.0),
+        ema_decay=ema_decay,
     )
-    pretrain_denoiser(fake, gmm, acp, steps=pretrain_steps, seed=seed + 1)
-    pretrain_denoiser(generator, gmm, acp, steps=pretrain_steps, seed=seed + 2)
-
-    cfg = TrainConfig(
-        teacher="analytic-gmm",
-        output_dir=str(tmp_path),
-        seed=seed,
-        max_steps=max_steps,
-        train_batch_size=256,
-        checkpointing_steps=10**9,  # (the trainer still writes one checkpoint at the end)
-        report_to="none",
-        export=False,
-        dmd2=DMD2Config(
-            guidance_scale=1.0,
-            student_timesteps=[999],
-            min_step=5,
-            max_step=600,
-            generator_lr=1e-3,
-            fake_lr=1e-3,
-            dfake_gen_update_ratio=4,
-            warmup_steps=0,
-            ema_decay=ema_decay,
-        ),
-    )
-    method = DMD2(
-        generator,
-        fake,
-        real,
-        cfg.dmd2,
-        (DIM,),
-        dict(generator.named_parameters()),
-        dict(fake.named_parameters()),
-    )
-
-    def batch_fn(step, micro, g):  # labels drawn per batch
-        return {"cond": torch.randint(0, NUM_CLASSES, (cfg.train_batch_size,), generator=g)}
-
-    trainer = Trainer(method, cfg, batch_fn)
-    trainer.fit()
-    trainer.use_ema_weights()  # a no-op without EMA
+    gen_params, fake_params = dict(generator.named_parameters()), dict(fake.named_parameters())
+    method = DMD2(generator, fake, real, cfg, (DIM,), gen_params, fake_params)
+    train(method, cfg, NUM_CLASSES, max_steps, 256, seed, str(tmp_path))
 
     # fixed-seed evaluation over all classes
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
@@ -143,7 +80,7 @@ def train_and_evaluate(
     rel = abs(report["nll"] - report["nll_true"]) / abs(report["nll_true"])
     print(
         f"\nDMD2 1-step on the analytic GMM ({NUM_CLASSES} classes x {MODES_PER_CLASS} modes, {DIM}-D, "
-        f"{cfg.max_steps} iterations, {len(labels)} eval samples): "
+        f"{max_steps} iterations, {len(labels)} eval samples): "
         f"nll={report['nll']:.4f} nll_true={report['nll_true']:.4f} (rel. diff {rel:.2%}), "
         f"mode_coverage={report['mode_coverage']:.3f}, mode_weight_error={report['mode_weight_error']:.4f}, "
         f"sw2={report['sw2']:.4f}; {time.perf_counter() - start:.1f} s wall, "

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..export import image_grid, pipeline_kwargs, read_recipe
-from .digits import balanced_prompts
+from ..digits.data import balanced_prompts
+from ..export import image_grid
+from ..recipe import Recipe, read_recipe
 
 TEACHER_STEPS = (1, 2, 4, 8, 25)
 
@@ -47,31 +48,22 @@ def teacher_systems(teacher: str, guidance_scale: float, steps=TEACHER_STEPS) ->
 def export_system(
     folder: str, name: str | None = None, steps: int | None = None, guidance_scale: float | None = None
 ) -> System:
-    """A row for a fastdiff export (its recorded recipe; ``steps`` may pick another step count, and
-    ``guidance_scale`` another w where the export takes any, as AGD's)."""
-    recipe = read_recipe(folder)
-    n = steps or recipe["num_inference_steps"]
-    per_step = recipe.get("recipes", {}).get(str(n))  # one LoRA for several step counts: that count's recipe
-    scheduler = None
-    if per_step is not None:
-        options = {k: v for k, v in per_step.items() if k == "timestep_spacing"}
-        scheduler = {"class": per_step["scheduler"], **options}
-        recipe = {**recipe, **per_step}
-    kw = pipeline_kwargs(recipe)
-    kw.pop("num_inference_steps")
-    if per_step is not None and "eta" in per_step:
-        kw["eta"] = per_step["eta"]
-    g = kw.pop("guidance_scale")
-    g = g if guidance_scale is None else guidance_scale
+    """A row for a fastdiff export: its recipe at ``steps`` (default: its own count; ``Recipe.for_steps`` decides
+    what a count means), at ``guidance_scale`` where given (AGD exports take any w)."""
+    data = read_recipe(folder)
+    recipe = Recipe.from_json(data)
+    step = recipe.for_steps(steps or recipe.num_inference_steps)  # a count's own recipe where it has one
+    kw = step.call_kwargs()
+    n, g = kw.pop("num_inference_steps"), kw.pop("guidance_scale")
     return System(
-        name or f"{recipe['method']}-{n}",
-        recipe["method"],
+        name or f"{data['method']}-{n}",
+        data["method"],
         str(Path(folder) / "pipeline"),
         n,
-        g,
-        scheduler=scheduler,
+        g if guidance_scale is None else guidance_scale,
+        scheduler={"class": step.scheduler, **step.scheduler_kwargs} if step.scheduler else None,
         extra=kw,
-        train_seconds=recipe.get("train_seconds"),
+        train_seconds=data.get("train_seconds"),
     )
 
 
@@ -79,24 +71,23 @@ def stacked_system(agd_export: str, student_export: str, steps: int, guidance_sc
     """AGD's adapters guiding a step-distilled student LoRA: the student's LoRA and per-step sampler (scheduler,
     steps, eta) under the AGD pipeline at guidance ``w`` (one UNet call per step)."""
     student = export_system(student_export, steps=steps)
-    recipe = read_recipe(student_export)
+    recipe, guide = read_recipe(student_export), read_recipe(agd_export)
     if not recipe.get("lora"):
         raise ValueError(f"{student_export} has no LoRA to stack under AGD's adapters (a full-weight export)")
-    if read_recipe(agd_export)["method"] != "agd":
-        raise ValueError(f"{agd_export} is not an AGD export")
-    # the student's own scheduler config (e.g. set_alpha_to_one), then its per-step options on top
+    if guide.get("nfe_per_step") != 1:
+        raise ValueError(f"{agd_export} is not a guidance-adapter export (one UNet call per step)")
+    # the student's own scheduler (class and config, e.g. set_alpha_to_one), then its per-step options on top
     saved = Path(student_export) / "pipeline" / "scheduler" / "scheduler_config.json"
-    config = json.loads(saved.read_text()) if saved.is_file() else {}
-    scheduler = {k: v for k, v in config.items() if not k.startswith("_")}
-    if student.scheduler:
-        scheduler.update(student.scheduler)
+    config = json.loads(saved.read_text()) if saved.is_file() else {"_class_name": recipe["scheduler"]}
+    scheduler = {"class": config["_class_name"], **{k: v for k, v in config.items() if not k.startswith("_")}}
+    scheduler.update(student.scheduler or {})
     return System(
-        f"agd+{Path(student_export).name}-{steps}-w{guidance_scale:g}",
-        f"agd+{recipe['method']}",
+        f"{guide['method']}+{Path(student_export).name}-{steps}-w{guidance_scale:g}",
+        f"{guide['method']}+{recipe['method']}",
         str(Path(agd_export) / "pipeline"),
         steps,
         guidance_scale,
-        scheduler=scheduler or None,
+        scheduler=scheduler,
         extra=student.extra,
         lora=str(Path(student_export) / recipe["lora"]),
     )
@@ -105,7 +96,7 @@ def stacked_system(agd_export: str, student_export: str, steps: int, guidance_sc
 def _load(system: System):
     from diffusers import DDIMScheduler
 
-    from ..export import load_pipeline
+    from ..recipe import load_pipeline, make_scheduler
 
     # a standard pipeline, or a custom one (AGD's adapter guidance) through fastdiff's own class
     pipe = load_pipeline(system.pipeline, use_safetensors=True)
@@ -117,11 +108,8 @@ def _load(system: System):
             pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False
         )
     elif isinstance(system.scheduler, dict):
-        import diffusers
-
         options = dict(system.scheduler)
-        cls = getattr(diffusers, options.pop("class"))
-        pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, options.pop("class"), options)
     return pipe
 
 

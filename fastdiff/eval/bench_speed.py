@@ -56,10 +56,10 @@ def _timed(fn, repeats: int) -> float:
 
 def train_worker(teacher: str, mode: str, batch: int, iters: int, lora_rank: int = 8) -> dict:
     """One configuration: build DMD2, run iterations, time its UNet passes alone. Runs in a fresh process."""
-    from ..config import DMD2Config
-    from ..methods.dmd2 import DMD2
+    from ..config import OptimizerConfig, TrainConfig
+    from ..methods.dmd2 import DMD2, DMD2Config
     from ..teacher import Teacher
-    from ..trainer import Trainer
+    from ..trainer import Trainer, make_accelerator
 
     torch.manual_seed(0)
     base_rss = _rss_mb()
@@ -74,27 +74,21 @@ def train_worker(teacher: str, mode: str, batch: int, iters: int, lora_rank: int
         lora_alpha=lora_rank,
         student_timesteps=[999],
         dfake_gen_update_ratio=1,
-        warmup_steps=0,
+        optim=OptimizerConfig(weight_decay=0.01, max_grad_norm=10.0),
         guidance_scale=3.0,
     )
     shape = t.latent_shape()
     method = DMD2.from_teacher(t, cfg, shape, with_gan=False)
-    from ..config import TrainConfig
-
     tcfg = TrainConfig(
-        teacher=teacher, output_dir=tempfile.mkdtemp(), max_steps=10**9, checkpointing_steps=10**9
+        teacher=teacher,
+        output_dir=tempfile.mkdtemp(),
+        max_steps=10**9,
+        checkpointing_steps=10**9,
+        section=cfg,
     )
     cond = t.encode(["a photo of a cat"] * batch)
-    trainer = Trainer(method, tcfg, lambda *a: {"cond": cond})
-    step = {"i": 0}
-
-    def iteration():  # one generator and one fake-score update (ratio 1 for timing)
-        for gi, g in enumerate(trainer.groups):
-            trainer._update(gi, g)
-        step["i"] += 1
-        trainer.step = step["i"]
-
-    t_iter = _timed(iteration, iters)
+    trainer = Trainer(method, tcfg, lambda *a: {"cond": cond}, accelerator=make_accelerator(tcfg))
+    t_iter = _timed(trainer.train_step, iters)  # one generator and one fake-score update (ratio 1 for timing)
     peak = _rss_mb() - base_rss
 
     # the same UNet passes alone: generator step = G fwd+bwd, fake fwd, real fwd (CFG: batch 2B);

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .classifier import DEFAULT_PATH, DigitClassifier, load_classifier
+from ..digits.classifier import DEFAULT_PATH, DigitClassifier, load_classifier
 
 
 @torch.no_grad()
@@ -164,7 +164,7 @@ def diversity_from_features(feats: torch.Tensor, labels, reference_spread: dict[
 def _reference(reference_images01, reference_labels=None, need_labels=True):
     """The given reference set, or the held-out split (in [0, 1]) when none is given."""
     if reference_images01 is None:
-        from .digits import load_split
+        from ..digits.data import load_split
 
         x, y = load_split("test")
         return (x + 1) / 2, y

@@ -32,59 +32,23 @@ import time
 
 import torch
 
-from ..config import SiDConfig, TrainConfig
-from ..methods.sid import SiD
-from ..models.gmm import GMM, GMMDenoiser, MLPDenoiser, scaled_linear_alphas_cumprod
-from ..trainer import Trainer
-from .bench_gmm import DIM, NUM_CLASSES, paired_gmm, pretrain_denoiser
+from ..config import OptimizerConfig
+from ..methods.sid import SiD, SiDConfig
+from ..models.gmm import GMM
 from .gmm_metrics import gmm_report, mode_coverage, mode_weight_error
+from .gmm_setup import DIM, NUM_CLASSES, networks, null_labels, paired_gmm, train
 
 STD = 0.3
-
-
-def _null(n: int) -> torch.Tensor:
-    return torch.full((n,), -1, dtype=torch.long)
-
-
-def _networks(gmm: GMM, num_classes: int, seed: int, pretrain_steps: int = 800):
-    acp = scaled_linear_alphas_cumprod()
-    fake = MLPDenoiser(
-        acp, dim=gmm.dim, num_classes=num_classes, hidden=128, depth=3, prediction_type="epsilon"
-    )
-    generator = MLPDenoiser(
-        acp, dim=gmm.dim, num_classes=num_classes, hidden=128, depth=7, prediction_type="sample"
-    )
-    pretrain_denoiser(fake, gmm, acp, steps=pretrain_steps, seed=seed + 1)
-    pretrain_denoiser(generator, gmm, acp, steps=pretrain_steps, seed=seed + 2)
-    return GMMDenoiser(gmm, acp), fake, generator
 
 
 def train_sid(
     gmm: GMM, num_classes: int, cfg: SiDConfig, steps: int, seed: int, out_dir: str, batch: int = 256
 ):
     """Pretrain the networks, then train SiD with the Trainer for ``steps`` iterations; EMA weights at the end."""
-    torch.manual_seed(seed)
-    teacher, fake, generator = _networks(gmm, num_classes, seed)
+    teacher, fake, generator = networks(gmm, num_classes, seed)
     gen_params, fake_params = dict(generator.named_parameters()), dict(fake.named_parameters())
-    method = SiD(generator, fake, teacher, cfg, (gmm.dim,), gen_params, fake_params, _null, seed=seed)
-    run = TrainConfig(
-        teacher="analytic-gmm",
-        output_dir=out_dir,
-        seed=seed,
-        max_steps=steps,
-        train_batch_size=batch,
-        checkpointing_steps=10**9,  # (the trainer still writes one checkpoint at the end)
-        report_to="none",
-        export=False,
-        sid=cfg,
-    )
-
-    def batch_fn(step, micro, g):
-        return {"cond": torch.randint(0, num_classes, (batch,), generator=g)}
-
-    trainer = Trainer(method, run, batch_fn)
-    trainer.fit()
-    trainer.use_ema_weights()
+    method = SiD(generator, fake, teacher, cfg, (gmm.dim,), gen_params, fake_params, null_labels, seed=seed)
+    train(method, cfg, num_classes, steps, batch, seed, out_dir)
     return method
 
 
@@ -98,7 +62,7 @@ def student_config(num_steps: int, lr: float, max_grad_norm: float | None = None
         max_step=600,
         generator_lr=lr,
         fake_lr=lr,
-        max_grad_norm=max_grad_norm,
+        optim=OptimizerConfig(betas=[0.0, 0.999], max_grad_norm=max_grad_norm),
         ema_decay=0.999,
     )
 

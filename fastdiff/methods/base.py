@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ class Group:
     params: dict[str, nn.Parameter]  # stable names: they key the checkpoint files
     lr: float
     interval: int = 1
+    optimizer: str = "adamw"  # adamw | adamw8bit (see fastdiff.trainer.make_optimizer)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
@@ -27,20 +30,80 @@ class Group:
     max_grad_norm: float | None = None
     ema_decay: float | None = None
     lr_schedule: str = "constant"  # after the warm-up: constant | cosine (to 0 at max_steps)
-    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """What a method is built from, in a training run or when a checkpoint is re-read for export.
+
+    ``config`` is the method's own section, ``run`` the whole run config (seed, output_dir, ...). The data fields
+    (``prompts``, ``dataset``) and the distributed fields are set in training runs only; ``prepared`` holds what the
+    method's ``prepare`` stage returned (None when it has none or was not run).
+    """
+
+    teacher: Any  # a loaded fastdiff.teacher.Teacher
+    config: Any
+    run: Any
+    resolution: int
+    latent_shape: tuple[int, ...]
+    with_real_data: bool = False
+    prompts: list[str] | None = None
+    dataset: Any = None
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = lambda: None
+    prepared: Any = None
+
+
+@dataclass
+class ExportedStudent:
+    """What a method exports as its student: a diffusers UNet, whole (``adapter`` None) or as the named LoRA
+    adapter on it (the base is then the teacher's UNet)."""
+
+    unet: nn.Module
+    adapter: str | None = None
 
 
 class Method(nn.Module):
     """A distillation method: declares its parameter groups, computes their losses, and samples its student.
 
-    Methods hold networks and math only: no file paths, no accelerate, no I/O.
+    The contract everything outside ``fastdiff/methods/`` reads (nothing there knows a method by name):
+
+    - registration: ``name`` and ``config`` (the dataclass of its config section), ``@register`` on the class;
+    - construction: ``build(ctx)`` from a ``RunContext``; optional ``prepare(ctx)``, a stage run before ``build``
+      in training (e.g. AGD's teacher trajectories), and ``batch_source(ctx)``, its own batches (default: prompts
+      and real latents from the run's data);
+    - training: ``groups()`` and ``loss(group, batch, step, generator)``, ``extra_state`` for resume;
+    - sampling and export: ``generate`` (the student's sampler), ``exported_student()`` (the weights to export),
+      ``recipe(scheduler_config)`` (how the export samples: ``fastdiff.recipe.Recipe``), and optionally
+      ``export_pipeline`` / ``model_card`` where the method needs its own pipeline class.
+
+    Methods hold networks and math only: no file paths, no accelerate, no I/O (stages may do I/O).
     """
 
     name = "method"
+    config: type | None = None  # the dataclass of the method's config section
     keep_fp32: tuple[
         str, ...
     ] = ()  # submodules the trainer must not cast to half precision (e.g. EMA targets)
 
+    # --- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, ctx: RunContext) -> Method:
+        """The method on ``ctx.teacher`` with ``ctx.config`` (its section)."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare(cls, ctx: RunContext) -> Any:
+        """An optional stage before ``build`` in training runs (resumable, split over ``ctx.rank``); its result
+        lands in ``ctx.prepared``."""
+        return None
+
+    def batch_source(self, ctx: RunContext) -> Callable | None:
+        """``batch_fn(step, micro, generator) -> dict`` when the method brings its own batches, else None."""
+        return None
+
+    # --- training ---------------------------------------------------------------------------------------------
     def groups(self) -> list[Group]:
         raise NotImplementedError
 
@@ -65,22 +128,44 @@ class Method(nn.Module):
                 seen.add(id(m))
                 enable_gradient_checkpointing(m)
 
+    # --- sampling and export ----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, noise: torch.Tensor, cond, timesteps=None, generator=None) -> torch.Tensor:
-        """The student's sampler: x0 from initial noise."""
+        """The student's sampler: x0 from initial noise; ``timesteps`` a step count or a list (None: the default)."""
         raise NotImplementedError
 
+    def exported_student(self) -> ExportedStudent:
+        """The student's weights as a diffusers model (the standard pipeline export writes them)."""
+        raise NotImplementedError
 
-def optimizer_settings(section, where: str) -> dict:
-    """The AdamW settings every group of a method shares, read from its config section (named ``where``)."""
-    if section.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"{where}.lr_schedule must be constant or cosine, got {section.lr_schedule!r}")
+    def recipe(self, scheduler_config: dict):
+        """How the export samples (``fastdiff.recipe.Recipe``), given the teacher's scheduler config."""
+        raise NotImplementedError
+
+    def export_pipeline(self, teacher):
+        """A pipeline of the method's own to save instead of the standard one (None: the standard pipeline with
+        ``exported_student`` and the recipe's scheduler)."""
+        return None
+
+    def model_card(self, recipe: dict, grid: str) -> str | None:
+        """The export's README.md (None: the standard model card)."""
+        return None
+
+
+def optimizer_settings(optim, where: str) -> dict:
+    """A group's optimizer keyword arguments from a method's ``optim`` sub-section (named ``where`` in errors)."""
+    if optim.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"{where}.optim.lr_schedule must be constant or cosine, got {optim.lr_schedule!r}")
+    if optim.optimizer not in ("adamw", "adamw8bit"):
+        raise ValueError(f"{where}.optim.optimizer must be adamw or adamw8bit, got {optim.optimizer!r}")
     return dict(
-        betas=tuple(section.betas),
-        weight_decay=section.weight_decay,
-        warmup_steps=section.warmup_steps,
-        max_grad_norm=section.max_grad_norm,
-        lr_schedule=section.lr_schedule,
+        optimizer=optim.optimizer,
+        betas=tuple(optim.betas),
+        weight_decay=optim.weight_decay,
+        eps=optim.eps,
+        warmup_steps=optim.warmup_steps,
+        max_grad_norm=optim.max_grad_norm,
+        lr_schedule=optim.lr_schedule,
     )
 
 

@@ -13,22 +13,52 @@ Critic (fake score + head, every iteration):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from .. import schedule
-from ..config import DMD2Config
+from ..config import OptimizerConfig, optim_field
 from ..models.denoiser import CFG, Denoiser
-from . import losses, student
-from .base import Group, Method, optimizer_settings, randint, randn
+from ..recipe import Recipe, derive_scheduler
+from . import student
+from .base import Group, RunContext, optimizer_settings, randint, randn
+from .critic import CriticMethod, gan_wanted, student_and_fake
+from .registry import register
 
 
-class DMD2(Method):
+@dataclass
+class DMD2Config:
+    """DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation"); defaults are the SDXL reference."""
+
+    guidance_scale: float = 8.0  # CFG w of the real score (SDXL 8, SD1.5 1.75)
+    generator: str = "lora"  # lora | full
+    fake_score: str = "lora"  # lora | full
+    shared_base: bool = True  # generator and fake score as two adapters on the one frozen teacher UNet
+    lora_rank: int = 64
+    lora_alpha: int = 8
+    student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
+    backward_simulation: bool = True  # multi-step: train on the student's own k-step outputs
+    min_step: int = 20  # t ~ U[min_step, max_step] for the distribution-matching gradient
+    max_step: int = 980
+    generator_lr: float = 5e-5
+    fake_lr: float = 5e-5
+    dfake_gen_update_ratio: int = 5  # two-time-scale rule: generator updated once every N fake-score updates
+    optim: OptimizerConfig = optim_field(weight_decay=0.01, warmup_steps=500, max_grad_norm=10.0)
+    gan: str = "auto"  # auto (on when a dataset of real images is given) | on | off
+    gan_generator_weight: float = 5e-3  # λ_G (SDXL 5e-3, SD1.5 1e-3)
+    gan_critic_weight: float = 1e-2
+    ema_decay: float | None = None  # the reference uses no EMA
+
+
+@register
+class DMD2(CriticMethod):
     """DMD2 on any denoisers (UNets, LoRA adapters on a shared UNet, or the analytic test networks).
 
     Args:
         generator: the student, read as an x0 predictor at ``cfg.student_timesteps``.
-        fake_score: the trainable score of the generator's distribution.
+        fake_score: the trainable score of the generator's distribution (the shared ``Critic`` holds it).
         real_score: the teacher's x0 prediction, CFG included (e.g. ``CFG(teacher, w, null_cond)``).
         cfg: the DMD2 section of the config.
         sample_shape: shape of one sample (C, H, W) or (D,).
@@ -37,35 +67,18 @@ class DMD2(Method):
     """
 
     name = "dmd2"
+    config = DMD2Config
 
     def __init__(
-        self,
-        generator: Denoiser,
-        fake_score: Denoiser,
-        real_score: nn.Module,
-        cfg: DMD2Config,
-        sample_shape: tuple[int, ...],
-        generator_params: dict[str, nn.Parameter],
-        fake_params: dict[str, nn.Parameter],
-        head: nn.Module | None = None,
-        num_train_timesteps: int = 1000,
+        self, generator: Denoiser, fake_score: Denoiser, real_score: nn.Module, cfg: DMD2Config, *args, **kw
     ):
-        super().__init__()
-        self.generator, self.fake_score, self.real_score, self.head = generator, fake_score, real_score, head
-        self.cfg = cfg
-        self.sample_shape = tuple(sample_shape)
+        super().__init__(generator, fake_score, cfg, *args, **kw)
+        self.real_score = real_score
         self.student_timesteps = list(cfg.student_timesteps)
-        self.num_train_timesteps = num_train_timesteps
-        self._generator_params = generator_params
-        self._critic_params = student.critic_params(fake_params, head)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.fake_score.alphas_cumprod
 
     def groups(self) -> list[Group]:
         c = self.cfg
-        common = optimizer_settings(c, "dmd2")
+        common = optimizer_settings(c.optim, "dmd2")
         return [
             Group(
                 "generator",
@@ -75,21 +88,25 @@ class DMD2(Method):
                 ema_decay=c.ema_decay,
                 **common,
             ),
-            Group("critic", self._critic_params, c.fake_lr, 1, **common),
+            Group("critic", self.critic.params(), c.fake_lr, 1, **common),
         ]
 
     # --- the student ------------------------------------------------------------------------------------------
-    def _noise(self, n, generator, device):
-        return randn((n, *self.sample_shape), generator, device)
-
-    def _renoise(self, x0, t_next: int | torch.Tensor, generator):
-        """Re-noise an x0 to the next student timestep with fresh, independent noise (never the previous ε)."""
-        return student.renoise(x0, t_next, generator, self.alphas_cumprod)
+    def timesteps_for(self, k: int) -> list[int]:
+        """The k-step subset of the K student timesteps that LCMScheduler(original_inference_steps=K) samples."""
+        ts = self.student_timesteps
+        if not 1 <= k <= len(ts):
+            raise ValueError(f"this DMD2 student samples at 1..{len(ts)} steps, not {k}")
+        return [ts[i * len(ts) // k] for i in range(k)]
 
     @torch.no_grad()
     def generate(self, noise, cond, timesteps=None, generator=None):
         """Multi-step student sampling: x0 = G(x, t_i), then x <- α x0 + σ ε' at t_{i+1} (as LCMScheduler does)."""
-        ts = list(timesteps or self.student_timesteps)
+        ts = (
+            self.timesteps_for(timesteps)
+            if isinstance(timesteps, int)
+            else list(timesteps or self.student_timesteps)
+        )
         if generator is None:
             generator = torch.Generator(noise.device).manual_seed(0)
         return student.sample(self.generator, noise, cond, ts, generator, self.alphas_cumprod)
@@ -103,7 +120,7 @@ class DMD2(Method):
         """
         ts = torch.tensor(self.student_timesteps, device=device)
         k = randint(0, len(ts), n, generator, device)
-        x = self._noise(n, generator, device)
+        x = randn((n, *self.sample_shape), generator, device)
         if len(ts) > 1 and not self.cfg.backward_simulation:
             if real is None:
                 raise ValueError("multi-step DMD2 without backward_simulation needs real images (a dataset)")
@@ -112,60 +129,49 @@ class DMD2(Method):
             with torch.no_grad():
                 for i in range(int(k.max())):
                     x0 = self.generator(x, ts[i].expand(n), cond)
-                    x = torch.where(
-                        (k > i).view(-1, *[1] * (x.ndim - 1)), self._renoise(x0, ts[i + 1], generator), x
-                    )
+                    renoised = student.renoise(x0, ts[i + 1], generator, self.alphas_cumprod)
+                    x = torch.where((k > i).view(-1, *[1] * (x.ndim - 1)), renoised, x)
         return self.generator(x, ts[k], cond)
 
     # --- losses -----------------------------------------------------------------------------------------------
-    def _logits(self, x, cond, generator):
-        """GAN head on the fake score's features of x noised at t ~ U[0, T)."""
-        return student.gan_logits(self.fake_score, self.head, x, cond, generator, self.num_train_timesteps)
-
-    def _gan_on(self, batch) -> bool:
-        return self.head is not None and batch.get("real") is not None
-
     def loss(self, group, batch, step, generator):
         cond, real = batch["cond"], batch.get("real")
-        n = len(cond)
-        device = self.alphas_cumprod.device
-        acp = self.alphas_cumprod
+        n, device, c = len(cond), self.alphas_cumprod.device, self.cfg
         if group == "generator":
             x = self._student_sample(cond, n, generator, device, real)
-            t = randint(self.cfg.min_step, self.cfg.max_step + 1, n, generator, device)
-            x_t = schedule.add_noise(x.detach(), randn(x.shape, generator, device), t, acp)
-            with torch.no_grad():
-                x0_fake = self.fake_score(x_t, t, cond)
-                x0_real = self.real_score(x_t, t, cond)
-            terms = {"dm": losses.dmd_loss(x, x0_real, x0_fake)}
-            if self._gan_on(batch):
-                terms["gan_g"] = self.cfg.gan_generator_weight * losses.gan_generator_loss(
-                    self._logits(x, cond, generator)
-                )
+            terms = {"dm": self.critic.dmd_loss(x, self.real_score, cond, generator, c.min_step, c.max_step)}
+            if self.critic.gan_on(batch):
+                terms["gan_g"] = c.gan_generator_weight * self.critic.generator_loss(x, cond, generator)
             return terms
         if group == "critic":
             with torch.no_grad():
                 x = self._student_sample(cond, n, generator, device, real)
-            t = randint(0, self.num_train_timesteps, n, generator, device)
-            eps = randn(x.shape, generator, device)
-            x_t = schedule.add_noise(x, eps, t, acp)
-            pred = self.fake_score.native(x_t, t, cond)
-            target = schedule.target_for(self.fake_score.prediction_type, x, eps, t, acp)
-            terms = {"fake_dsm": losses.denoising_loss(pred, target)}
-            if self._gan_on(batch):
-                d_loss = losses.gan_discriminator_loss(
-                    self._logits(x, cond, generator), self._logits(real, cond, generator)
-                )
-                terms["gan_d"] = self.cfg.gan_critic_weight * d_loss
+            terms = {"fake_dsm": self.critic.denoising_loss(x, cond, generator)}
+            if self.critic.gan_on(batch):
+                d_loss = self.critic.discriminator_loss(x, real, cond, cond, generator)
+                terms["gan_d"] = c.gan_critic_weight * d_loss
             return terms
         raise KeyError(f"DMD2 has no parameter group {group!r}")
 
+    # --- export -----------------------------------------------------------------------------------------------
+    def recipe(self, scheduler_config: dict) -> Recipe:
+        """LCM-style sampling at the student timesteps; a K-step student also samples at any k <= K (LCM's subsets
+        of its timesteps) when the scheduler derives them."""
+        ts = self.student_timesteps
+        name, kwargs, derivable = derive_scheduler(scheduler_config, ts, "lcm")
+        counts = list(range(1, len(ts) + 1)) if derivable and name == "LCMScheduler" else [len(ts)]
+        return Recipe(self.name, len(ts), 0.0, ts, name, kwargs, derivable, "lcm", step_counts=counts)
+
     # --- construction from a diffusers teacher ----------------------------------------------------------------
+    @classmethod
+    def build(cls, ctx: RunContext) -> DMD2:
+        with_gan = gan_wanted("dmd2", ctx.config.gan, ctx.with_real_data)
+        return cls.from_teacher(ctx.teacher, ctx.config, ctx.latent_shape, with_gan)
+
     @classmethod
     def from_teacher(cls, teacher, cfg: DMD2Config, latent_shape, with_gan: bool) -> DMD2:
         """Build generator / fake score as full UNet copies or LoRA adapters (shared-base: both on the teacher UNet)."""
         from ..models.heads import unet_discriminator_head
-        from ..models.lora import student_and_fake
 
         generator, gen_params, fake, fake_params = student_and_fake(
             teacher, cfg.generator, cfg.fake_score, cfg.shared_base, cfg.lora_rank, cfg.lora_alpha, "dmd2"

@@ -48,15 +48,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .. import schedule
-from ..config import SiDConfig
+from ..config import OptimizerConfig, optim_field
 from ..models.denoiser import Cond, Denoiser, cat_conds
+from ..recipe import Recipe, StepRecipe, derive_scheduler
 from . import losses, student
-from .base import Group, Method, optimizer_settings, randint, randn
+from .base import Group, RunContext, optimizer_settings, randint, randn
+from .critic import CriticMethod, gan_wanted, student_and_fake
+from .registry import register
 
 GUIDANCE = ("cfg", "lsg", "zero_cfg", "anti_cfg")
 WEIGHTINGS = ("mean_abs", "snr")
@@ -71,6 +75,38 @@ class GuidancePlan:
     fake_alpha: float  # κ3: fake score in α (y_r - y_f')
     real: float  # κ4: the teacher
     prompt_dropout: float
+
+
+@dataclass
+class SiDConfig:
+    """SiD, score identity distillation (Zhou et al. 2024), with SiD-LSG guidance (Zhou et al. 2025) and the
+    few-step uniform mixture, Zero-CFG and Anti-CFG (Zhou, Gu, Wang 2025); defaults: the SiD-LSG SD1.5 reference."""
+
+    alpha: float = 1.0  # α in (y_r - y_f)·[(y_r - x) - α (y_r - y_f)]; 1.2 is the SiD paper's other setting
+    guidance: str = "lsg"  # cfg | lsg | zero_cfg | anti_cfg
+    guidance_scale: float = 1.5  # cfg: teacher CFG; lsg: κ1..κ4 (1.5 best FID); not used by zero/anti_cfg
+    lsg_scales: list[float] | None = None  # lsg: explicit [κ1, κ2, κ3, κ4] instead of guidance_scale
+    anti_cfg_scale: float = -0.5  # anti_cfg: λ in (-1, 0); the fake score is f(c) + λ (f(c) - f(∅))
+    prompt_dropout: float = 0.1  # lsg / anti_cfg: empty-prompt rate while training the fake score
+    weighting: str = "mean_abs"  # mean_abs: 1 / mean|x - y_r| per sample (reference) | snr: sqrt(1 + SNR(t))
+    num_steps: int = 1  # K: the generator learns the uniform mixture of its 1..K-step outputs
+    init_timestep: int = 625  # t of the first generator step (input: pure noise); few-step: 999
+    min_step: int = 20  # t ~ U[min_step, max_step) for the generator and fake-score losses
+    max_step: int = 980
+    generator: str = "full"  # full | lora
+    fake_score: str = "full"  # full | lora
+    shared_base: bool = False  # generator and fake score as two adapters on the one frozen teacher UNet
+    lora_rank: int = 64
+    lora_alpha: int = 8
+    generator_lr: float = 1.0e-6
+    fake_lr: float = 1.0e-6
+    optim: OptimizerConfig = optim_field(
+        betas=[0.0, 0.999]
+    )  # Adam (0, 0.999), as the reference; it clips only in fp16
+    gan: str = "auto"  # auto (on when a dataset of real images is given) | on | off
+    gan_generator_weight: float = 5e-3  # λ_G (DMD2's SDXL weights; the head is DMD2's)
+    gan_critic_weight: float = 1e-2
+    ema_decay: float | None = None
 
 
 def guidance_plan(cfg: SiDConfig) -> GuidancePlan:
@@ -159,7 +195,8 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *[1] * (like.ndim - 1))
 
 
-class SiD(Method):
+@register
+class SiD(CriticMethod):
     """Score identity distillation on any denoisers (UNets, LoRA adapters on a shared UNet, or test networks).
 
     Args:
@@ -175,6 +212,7 @@ class SiD(Method):
     """
 
     name = "sid"
+    config = SiDConfig
 
     def __init__(
         self,
@@ -190,8 +228,7 @@ class SiD(Method):
         seed: int = 0,
         num_train_timesteps: int = 1000,
     ):
-        super().__init__()
-        self.plan = guidance_plan(cfg)
+        plan = guidance_plan(cfg)
         if cfg.weighting not in WEIGHTINGS:
             raise ValueError(f"sid.weighting must be one of {', '.join(WEIGHTINGS)}, got {cfg.weighting!r}")
         if not 0 <= cfg.prompt_dropout < 1:
@@ -207,17 +244,11 @@ class SiD(Method):
             )
         if cfg.num_steps < 1:
             raise ValueError(f"sid.num_steps must be at least 1, got {cfg.num_steps}")
-        self.generator, self.fake_score, self.teacher, self.head = generator, fake_score, teacher, head
-        self.cfg, self.null_cond, self.seed = cfg, null_cond, seed
-        self.sample_shape = tuple(sample_shape)
-        self.num_train_timesteps = num_train_timesteps
+        super().__init__(
+            generator, fake_score, cfg, sample_shape, generator_params, fake_params, head, num_train_timesteps
+        )
+        self.teacher, self.null_cond, self.seed, self.plan = teacher, null_cond, seed, plan
         self.student_timesteps = step_timesteps(cfg.num_steps, cfg.init_timestep)
-        self._generator_params = generator_params
-        self._critic_params = student.critic_params(fake_params, head)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.fake_score.alphas_cumprod
 
     @property
     def timesteps_by_steps(self) -> dict[int, list[int]]:
@@ -229,9 +260,9 @@ class SiD(Method):
 
     def groups(self) -> list[Group]:
         c = self.cfg
-        common = optimizer_settings(c, "sid")
+        common = optimizer_settings(c.optim, "sid")
         return [
-            Group("critic", self._critic_params, c.fake_lr, 1, **common),
+            Group("critic", self.critic.params(), c.fake_lr, 1, **common),
             Group("generator", self._generator_params, c.generator_lr, 1, ema_decay=c.ema_decay, **common),
         ]
 
@@ -264,9 +295,6 @@ class SiD(Method):
         return draw_num_steps(step, self.cfg.num_steps, self.seed)
 
     # --- losses -----------------------------------------------------------------------------------------------
-    def _gan_on(self, batch) -> bool:
-        return self.head is not None and batch.get("real") is not None
-
     def _weight(self, x, x0_real, t) -> torch.Tensor:
         if self.cfg.weighting == "snr":
             return (1 + schedule.snr(self.alphas_cumprod, t)).rsqrt().float()
@@ -298,11 +326,8 @@ class SiD(Method):
             )
         per_sample = losses.sid_loss(x, y_r, y_f, c.alpha, self._weight(x, y_r, t), y_f_alpha)
         terms = {"sid": torch.where(ok, per_sample, 0.0).sum() / ok.sum().clamp_min(1)}
-        if self._gan_on(batch):
-            logits = student.gan_logits(
-                self.fake_score, self.head, x, cond, generator, self.num_train_timesteps
-            )
-            terms["gan_g"] = c.gan_generator_weight * losses.gan_generator_loss(logits)
+        if self.critic.gan_on(batch):
+            terms["gan_g"] = c.gan_generator_weight * self.critic.generator_loss(x, cond, generator)
         return terms
 
     def _critic_loss(self, batch, cond, n, k, generator, device, acp) -> dict[str, torch.Tensor]:
@@ -329,21 +354,34 @@ class SiD(Method):
         err = losses.per_sample_mean((eps_hat - eps) ** 2)
         fine = torch.isfinite(err)
         terms = {"fake_dsm": torch.where(fine, err, 0.0).sum() / fine.sum().clamp_min(1)}
-        if self._gan_on(batch):
-            T = self.num_train_timesteps
-            d_loss = losses.gan_discriminator_loss(
-                student.gan_logits(self.fake_score, self.head, x, cond, generator, T),
-                student.gan_logits(self.fake_score, self.head, batch["real"], batch["cond"], generator, T),
-            )
+        if self.critic.gan_on(batch):
+            d_loss = self.critic.discriminator_loss(x, batch["real"], cond, batch["cond"], generator)
             terms["gan_d"] = c.gan_critic_weight * d_loss
         return terms
 
+    # --- export -----------------------------------------------------------------------------------------------
+    def recipe(self, scheduler_config: dict) -> Recipe:
+        """LCM-style sampling; a K-step generator samples at every k <= K on its k-step grid."""
+        ts, by_steps = self.student_timesteps, self.timesteps_by_steps
+        name, kwargs, derivable = derive_scheduler(scheduler_config, ts, "lcm", by_steps.values())
+        recipes = {}
+        if len(by_steps) > 1:  # one generator for every k <= K (the uniform mixture)
+            recipes = {
+                k: StepRecipe(k, 0.0, name, kwargs, timesteps=None if derivable else list(grid))
+                for k, grid in by_steps.items()
+            }
+        return Recipe(self.name, len(ts), 0.0, ts, name, kwargs, derivable, "lcm", list(by_steps), recipes)
+
     # --- construction from a diffusers teacher ----------------------------------------------------------------
+    @classmethod
+    def build(cls, ctx: RunContext) -> SiD:
+        with_gan = gan_wanted("sid", ctx.config.gan, ctx.with_real_data)
+        return cls.from_teacher(ctx.teacher, ctx.config, ctx.latent_shape, with_gan, seed=ctx.run.seed)
+
     @classmethod
     def from_teacher(cls, teacher, cfg: SiDConfig, latent_shape, with_gan: bool, seed: int = 0) -> SiD:
         """Generator and fake score as full UNet copies or LoRA adapters (shared-base: both on the teacher UNet)."""
         from ..models.heads import unet_discriminator_head
-        from ..models.lora import student_and_fake
 
         generator, gen_params, fake, fake_params = student_and_fake(
             teacher, cfg.generator, cfg.fake_score, cfg.shared_base, cfg.lora_rank, cfg.lora_alpha, "sid"

@@ -1,4 +1,4 @@
-"""The few-step student's sampler and the fake score's GAN logits, shared by DMD2 and SiD.
+"""The few-step student's sampler, shared by DMD2 and SiD, and what an export needs of such a student.
 
 A student is an x0 predictor G(x, t, c) called at fixed timesteps t_0 > t_1 > ... : the first input is pure noise z
 labelled t_0 (as a diffusers pipeline feeds it), and between steps the x0 is re-noised to the next timestep with
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import schedule
-from .base import randint, randn
+from .base import ExportedStudent, randn
 
 
 def renoise(
@@ -36,16 +36,7 @@ def sample(
     return x0
 
 
-def gan_logits(fake_score, head, x: torch.Tensor, cond, generator: torch.Generator, num_train_timesteps: int):
-    """The diffusion-GAN discriminator: ``head`` on the fake score's features of x noised at t ~ U[0, T)."""
-    t = randint(0, num_train_timesteps, x.shape[0], generator, x.device)
-    x_t = schedule.add_noise(x, randn(x.shape, generator, x.device), t, fake_score.alphas_cumprod)
-    return head(fake_score.mid_features(x_t, t, cond))
-
-
-def critic_params(fake_params: dict, head) -> dict:
-    """The critic group's parameters: the fake score's, plus the GAN head's (prefixed ``head.``) when there is one."""
-    params = dict(fake_params)
-    if head is not None:
-        params.update({f"head.{n}": p for n, p in head.named_parameters()})
-    return params
+def exported(denoiser) -> ExportedStudent:
+    """A UNet denoiser as the export's student: its named LoRA adapter, or the whole UNet."""
+    adapter = denoiser.adapter if denoiser.adapter not in ("*", None) else None
+    return ExportedStudent(denoiser.unet, adapter)

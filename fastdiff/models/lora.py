@@ -392,16 +392,6 @@ def _check_targets(path: Path, unet: nn.Module, keys: list[str]) -> None:
         )
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (shared parameters counted once).
-
-    Args:
-        module: any module.
-        trainable_only: count only parameters with ``requires_grad``.
-    """
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def unique_parameter_bytes(*modules: nn.Module) -> int:
     """Bytes of parameter memory behind ``modules``, each underlying storage counted once.
 
@@ -424,52 +414,3 @@ def named_adapter_parameters(unet: nn.Module, name: str) -> dict[str, nn.Paramet
     """``adapter_parameters`` keyed by their names in ``unet`` (stable keys for checkpoints)."""
     names = {id(p): n for n, p in unet.named_parameters(remove_duplicate=False)}
     return {names[id(p)]: p for p in adapter_parameters(unet, name)}
-
-
-def student_and_fake(
-    teacher,
-    generator: str,
-    fake_score: str,
-    shared_base: bool,
-    rank: int,
-    alpha: float,
-    section: str,
-):
-    """Generator and fake score initialised from the teacher's UNet, as DMD2 and SiD build them.
-
-    Each is a full float32 copy (``"full"``) or a LoRA adapter (``"lora"``: adapter ``student`` / ``fake``). With
-    ``shared_base`` both adapters sit on the teacher's own UNet (one UNet in memory; adapters disabled is the
-    teacher), else each network gets its own copy.
-
-    Args:
-        teacher: a loaded ``Teacher`` (its ``unet`` and ``denoiser``).
-        generator / fake_score: ``"lora"`` or ``"full"``.
-        shared_base: both as adapters on the teacher's UNet (needs both ``"lora"``).
-        rank / alpha: LoRA rank and lora_alpha.
-        section: the config section the values come from (``"dmd2"``, ``"sid"``), named in errors.
-
-    Returns:
-        ``(generator, generator_params, fake, fake_params)``: two ``UNetDenoiser`` and their trainable parameters.
-    """
-    import copy
-
-    if shared_base and (generator != "lora" or fake_score != "lora"):
-        raise ValueError(
-            f"{section}.shared_base needs {section}.generator=lora and {section}.fake_score=lora"
-        )
-    for key, kind in (("generator", generator), ("fake_score", fake_score)):
-        if kind not in ("lora", "full"):
-            raise ValueError(f"{section}.{key} must be 'lora' or 'full', got {kind!r}")
-    base = teacher.unet
-
-    def make(kind: str, adapter: str):
-        unet = base if shared_base else copy.deepcopy(base).float()
-        if kind == "full":
-            unet.requires_grad_(True)
-            return teacher.denoiser(unet), dict(unet.named_parameters())
-        add_adapter(unet, adapter, rank, alpha)
-        return teacher.denoiser(unet, adapter=adapter), named_adapter_parameters(unet, adapter)
-
-    gen, gen_params = make(generator, "student")
-    fake, fake_params = make(fake_score, "fake")
-    return gen, gen_params, fake, fake_params

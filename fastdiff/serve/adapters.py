@@ -19,8 +19,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..export import RECIPE_FILE, derive_scheduler, read_recipe
 from ..models.lora import DIFFUSERS_WEIGHT_NAME, LoRAFormatError, validate_lora_file
+from ..recipe import RECIPE_FILE, Recipe, make_scheduler, read_recipe, scheduler_class
 
 logger = logging.getLogger("fastdiff.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -95,56 +95,34 @@ class Adapter:
                 "timesteps": r.get("timesteps"),
                 "guidance_scale": r["guidance_scale"],
                 "lora_scale": r.get("lora_scale"),
-                "step_counts": sorted(int(k) for k in r.get("recipes", {})) or None,
+                "step_counts": r.get("step_counts"),
             }
         return out
-
-
-def _scheduler_class(name: str):
-    import diffusers
-    from diffusers import SchedulerMixin
-
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(f"{name!r} is not a diffusers scheduler class")
-    return cls
 
 
 def build_scheduler(sampling: Sampling):
     """A fresh scheduler object for ``sampling`` (None: use the base pipeline's)."""
     if sampling.scheduler is None:
         return None
-    return _scheduler_class(sampling.scheduler).from_config(json.loads(sampling.scheduler_config))
+    return scheduler_class(sampling.scheduler).from_config(json.loads(sampling.scheduler_config))
 
 
 def sampling_for(adapter: Adapter, steps: int | None, guidance_scale: float | None) -> Sampling:
-    """The export's recipe as a ``Sampling``, with a request's step / guidance overrides.
-
-    The step count may change only where the export says how to sample at that count: one of its ``recipes``
-    (consistency students such as TSCD: 1/2/4/8 steps), or any count for an LCM-scheduled export whose timesteps the
-    scheduler derives (as ``fastdiff generate --steps``). Otherwise a different count is refused (ValueError).
-    """
-    r = adapter.recipe
-    assert r is not None and adapter.scheduler_config is not None
-    trained = int(r["num_inference_steps"])
-    guidance = float(r["guidance_scale"]) if guidance_scale is None else float(guidance_scale)
-    config = dict(adapter.scheduler_config)
-    derivable = r.get("timesteps_derivable", True)
-    if steps is None or steps == trained:
-        timesteps = None if derivable else tuple(r["timesteps"])
-        return Sampling(trained, guidance, r["scheduler"], json.dumps(config, sort_keys=True), timesteps)
-    sub = r.get("recipes", {}).get(str(steps))
-    if sub is not None:
-        if "timestep_spacing" in sub:
-            config["timestep_spacing"] = sub["timestep_spacing"]
-        g = float(sub.get("guidance_scale", r["guidance_scale"])) if guidance_scale is None else guidance
-        return Sampling(steps, g, sub["scheduler"], json.dumps(config, sort_keys=True), None, sub.get("eta"))
-    if r["scheduler"] == "LCMScheduler" and derivable:
-        return Sampling(steps, guidance, r["scheduler"], json.dumps(config, sort_keys=True))
-    counts = sorted({trained, *(int(k) for k in r.get("recipes", {}))})
-    raise ValueError(
-        f"adapter {adapter.name!r} is a fastdiff export trained for {trained} step(s) at timesteps "
-        f"{r.get('timesteps')} ({r['scheduler']}); it can be sampled at {counts} step(s), not {steps}"
+    """The export's recipe as a ``Sampling``, with a request's step / guidance overrides; the step counts an export
+    may run at are its recipe's (``Recipe.for_steps``: a ValueError names them otherwise)."""
+    assert adapter.recipe is not None and adapter.scheduler_config is not None
+    recipe = Recipe.from_json(adapter.recipe)
+    step = recipe.for_steps(steps)
+    config = {**adapter.scheduler_config, **step.scheduler_kwargs}
+    guidance = step.guidance_scale if guidance_scale is None else float(guidance_scale)
+    timesteps = None if step.timesteps is None else tuple(step.timesteps)
+    return Sampling(
+        step.num_inference_steps,
+        guidance,
+        step.scheduler or recipe.scheduler,
+        json.dumps(config, sort_keys=True),
+        timesteps,
+        step.eta,
     )
 
 
@@ -302,7 +280,7 @@ class Registry:
             ]
             if missing:
                 raise ValueError(f"{RECIPE_FILE} lacks {missing}")
-            _scheduler_class(recipe["scheduler"])
+            scheduler_class(recipe["scheduler"])
         except (ValueError, OSError) as e:
             raise RequestError(400, f"{folder}: not a usable fastdiff export ({e})") from None
         if not recipe.get("lora"):
@@ -319,9 +297,9 @@ class Registry:
         sched_file = folder / "pipeline" / "scheduler" / "scheduler_config.json"
         if sched_file.is_file():  # the scheduler the export saved (and self-checked)
             config = json.loads(sched_file.read_text())
-        else:  # only fastdiff.json + lora/ were copied: derive it as the export did
-            sched, _ = derive_scheduler(
-                self.base_scheduler_config, list(recipe["timesteps"]), recipe.get("sampler", "lcm")
+        else:  # only fastdiff.json + lora/ were copied: make it as the export did
+            sched = make_scheduler(
+                self.base_scheduler_config, recipe["scheduler"], recipe.get("scheduler_kwargs")
             )
             config = dict(sched.config)
         config = {k: v for k, v in config.items() if not k.startswith("_")}

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff.config import AGDConfig, load_config
+from fastdiff.config import load_config
+from fastdiff.methods.agd import AGDConfig
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a red square"
@@ -191,7 +192,7 @@ def test_tiny_sdxl_end_to_end_train_export_and_both_ways_to_load(tiny_teachers, 
         "agd.num_inference_steps=4",
         "agd.hidden_dim=16",
         "agd.negative_prompt_prob=0.5",
-        "agd.warmup_steps=2",
+        "agd.optim.warmup_steps=2",
         "agd.lr=1e-2",
         "agd.guidance_scale=2.0",
         "agd.trajectory_dtype=float32",
@@ -202,6 +203,8 @@ def test_tiny_sdxl_end_to_end_train_export_and_both_ways_to_load(tiny_teachers, 
         recipe["method"] == "agd" and recipe["num_inference_steps"] == 4 and recipe["guidance_scale"] == 2.0
     )
     assert recipe["nfe_per_step"] == 1 and recipe["check"]["max_abs_diff_latents"] < 1e-4
+    assert recipe["sampler"] == "scheduler" and recipe["step_counts"] is None  # any scheduler, any step count
+    assert recipe["w_range"] == [1.0, 12.0] and recipe["pipeline_file"] == "pipeline/adapter_guidance.py"
     card = (out / "README.md").read_text()
     assert "trust_remote_code=True" in card and "from fastdiff.pipelines import" in card
     assert (out / "pipeline/adapter_guidance.py").read_text() == (

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from fastdiff import schedule
-from fastdiff.config import DMD2Config
+from fastdiff.config import OptimizerConfig
 from fastdiff.methods import losses
-from fastdiff.methods.dmd2 import DMD2
+from fastdiff.methods.dmd2 import DMD2, DMD2Config
 from fastdiff.models.denoiser import CFG, Denoiser
 from fastdiff.models.gmm import scaled_linear_alphas_cumprod
 
@@ -99,13 +99,13 @@ def test_shared_base_keeps_one_unet_in_memory(tiny_teachers):
         unet_bytes = unique_parameter_bytes(t.unet)
         if shared:
             assert method.generator.unet is method.fake_score.unet is t.unet
-            assert sizes[shared] < 1.5 * unet_bytes + unique_parameter_bytes(method.head)
+            assert sizes[shared] < 1.5 * unet_bytes + unique_parameter_bytes(method.critic.head)
         else:
             assert sizes[shared] > 2.9 * unet_bytes
         # GAN head on the fake score's mid-block features gives one logit per sample
         x = torch.randn(2, *t.latent_shape())
         _, feats = method.fake_score(x, torch.tensor([10, 900]), t.encode(["a", "b"]), features=True)
-        assert method.head(feats).shape == (2,)
+        assert method.critic.head(feats).shape == (2,)
     assert sizes[True] <= 0.6 * sizes[False]
 
 
@@ -136,17 +136,30 @@ def test_gan_features_stop_the_unet_after_its_mid_block(tiny_teachers):
             h.remove()
     assert calls == []  # no decoder block ran
     torch.testing.assert_close(feats, full)
-    method.head(feats).sum().backward()
+    method.critic.head(feats).sum().backward()
     assert x.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in method.head.parameters())
+    assert all(p.grad is not None for p in method.critic.head.parameters())
     # the adapter context was restored although the forward stopped early
     assert fake(x, ts, cond).shape == x.shape
+    # the critic group holds the fake score's parameters and the head's, and D gives one logit per sample
+    params = method.critic.params()
+    head = {f"head.{n}" for n, _ in method.critic.head.named_parameters()}
+    critic_group = method.groups()[1].params
+    assert head <= set(params) and set(params) - head and set(params) == set(critic_group)
+    assert all(params[n] is critic_group[n] for n in params)
+    logits = method.critic.logits(x.detach(), cond, torch.Generator().manual_seed(0))
+    assert logits.shape == (2,) and torch.isfinite(logits).all()
 
 
 def test_lr_schedule_reaches_the_groups_and_bad_values_name_the_key():
     acp = scaled_linear_alphas_cumprod()
     gen = Recorder(acp)
-    groups = DMD2(gen, gen, gen, DMD2Config(lr_schedule="cosine"), (3,), {"w": gen.w}, {}).groups()
+    optim = dict(weight_decay=0.01, warmup_steps=500, max_grad_norm=10.0)  # DMD2's own optim defaults
+    cfg = DMD2Config(optim=OptimizerConfig(lr_schedule="cosine", **optim))
+    groups = DMD2(gen, gen, gen, cfg, (3,), {"w": gen.w}, {}).groups()
     assert [g.lr_schedule for g in groups] == ["cosine", "cosine"]
-    with pytest.raises(ValueError, match=r"dmd2\.lr_schedule must be constant or cosine, got 'linear'"):
-        DMD2(gen, gen, gen, DMD2Config(lr_schedule="linear"), (3,), {"w": gen.w}, {}).groups()
+    cfg = DMD2Config(optim=OptimizerConfig(lr_schedule="linear", **optim))
+    with pytest.raises(
+        ValueError, match=r"dmd2\.optim\.lr_schedule must be constant or cosine, got 'linear'"
+    ):
+        DMD2(gen, gen, gen, cfg, (3,), {"w": gen.w}, {}).groups()

@@ -6,9 +6,17 @@ import pytest
 import torch
 
 from fastdiff import schedule
-from fastdiff.config import ConfigError, SiDConfig, TrainConfig, load_config
-from fastdiff.methods import build_method, losses
-from fastdiff.methods.sid import SiD, draw_num_steps, guidance_plan, guided, replace_rows, step_timesteps
+from fastdiff.config import ConfigError, TrainConfig, load_config
+from fastdiff.methods import RunContext, build, losses
+from fastdiff.methods.sid import (
+    SiD,
+    SiDConfig,
+    draw_num_steps,
+    guidance_plan,
+    guided,
+    replace_rows,
+    step_timesteps,
+)
 from fastdiff.models.denoiser import Denoiser
 from fastdiff.models.gmm import scaled_linear_alphas_cumprod
 
@@ -235,16 +243,17 @@ def test_generate_runs_any_k_on_its_grid():
 def test_one_scheduler_derives_every_k_for_export():
     from diffusers import LCMScheduler
 
-    from fastdiff.export import derive_scheduler
+    from fastdiff.recipe import derive_scheduler, make_scheduler
 
     config = dict(LCMScheduler(beta_schedule="scaled_linear").config)
     grids = {k: step_timesteps(k, 999) for k in (1, 2, 3, 4)}
-    sched, ok = derive_scheduler(config, grids[4], "lcm", grids.values())
+    name, kwargs, ok = derive_scheduler(config, grids[4], "lcm", grids.values())
+    sched = make_scheduler(config, name, kwargs)
     assert ok and sched.config.original_inference_steps == 1000
     sched.set_timesteps(3)
     assert sched.timesteps.tolist() == [999, 666, 333]
-    sched, ok = derive_scheduler(config, [625], "lcm", [[625]])
-    assert ok and type(sched).__name__ == "DDIMScheduler"
+    name, kwargs, ok = derive_scheduler(config, [625], "lcm", [[625]])
+    assert ok and name == "DDIMScheduler" and type(make_scheduler(config, name, kwargs)).__name__ == name
 
 
 # --- guidance variants ------------------------------------------------------------------------------------------
@@ -346,15 +355,20 @@ def test_bad_sid_config_is_a_clear_error(changes, match):
 
 def test_sid_config_section_and_build_errors():
     cfg = load_config(None, ["teacher=x", "method=sid", "sid.guidance=zero_cfg", "sid.num_steps=4"])
-    assert isinstance(cfg.sid, SiDConfig) and cfg.sid.guidance == "zero_cfg" and cfg.sid.num_steps == 4
+    assert isinstance(cfg.section, SiDConfig)
+    assert cfg.section.guidance == "zero_cfg" and cfg.section.num_steps == 4
     with pytest.raises(ConfigError, match="sid.kappa"):
-        load_config(None, ["teacher=x", "sid.kappa=2"])
+        load_config(None, ["teacher=x", "method=sid", "sid.kappa=2"])
+
+    def context(section: SiDConfig) -> RunContext:
+        run = TrainConfig(method="sid", teacher="x")
+        run.section = section
+        return RunContext(None, section, run, 64, (4, 8, 8), with_real_data=False)
+
     with pytest.raises(ValueError, match="sid.gan=on needs real images"):
-        build_method(TrainConfig(method="sid", teacher="x", sid=SiDConfig(gan="on")), None, (4, 8, 8), False)
+        build(context(SiDConfig(gan="on")))
     with pytest.raises(ValueError, match="sid.gan must be"):
-        build_method(
-            TrainConfig(method="sid", teacher="x", sid=SiDConfig(gan="maybe")), None, (4, 8, 8), False
-        )
+        build(context(SiDConfig(gan="maybe")))
 
 
 # --- a tiny SDXL teacher: shared base, gradients, the GAN head --------------------------------------------------
@@ -376,7 +390,7 @@ def test_shared_base_sid_on_a_tiny_sdxl_teacher(tiny_teachers):
     method = SiD.from_teacher(t, cfg, t.latent_shape(), with_gan=True)
     assert method.generator.unet is method.fake_score.unet is t.unet
     assert unique_parameter_bytes(method) < 1.5 * unique_parameter_bytes(t.unet) + unique_parameter_bytes(
-        method.head
+        method.critic.head
     )
     groups = {g.name: g for g in method.groups()}
     assert (

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastdiff import schedule
-from fastdiff.config import TrainConfig
+from fastdiff.config import OptimizerConfig, TrainConfig
 from fastdiff.eval.gmm_metrics import gmm_report
 from fastdiff.methods.tscd import (
     TSCD,
@@ -269,7 +269,8 @@ def test_resume_across_a_stage_switch_is_exact(tmp_path):
         torch.manual_seed(0)
         student = MLPDenoiser(ACP, dim=2, num_classes=2, hidden=16, prediction_type="sample")
         teacher = CFG(GMMDenoiser(gmm, ACP), 1.0, lambda n: torch.full((n,), -1))
-        cfg = TSCDConfig(segments=[4, 2, 1], stage_steps=[4, 4, 4], lr=1e-3, warmup_steps=0)
+        optim = OptimizerConfig(weight_decay=1e-3, warmup_steps=0, max_grad_norm=1.0)  # TSCD's, no warm-up
+        cfg = TSCDConfig(segments=[4, 2, 1], stage_steps=[4, 4, 4], lr=1e-3, optim=optim)
         method = TSCD(student, teacher, cfg, (2,), dict(student.named_parameters()))
 
         def batch_fn(step, micro, g):
@@ -298,9 +299,11 @@ def test_lora_student_on_the_teacher_unet_and_full_copies(tiny_teachers):
     cfg = TSCDConfig(lora_rank=4, lora_alpha=4, num_ddim_timesteps=10, segments=[2, 1], stage_steps=[1, 1])
     cfg.adversarial_weight, cfg.dmd_weight = 0.1, 0.1
     method = TSCD.from_teacher(t, cfg, shape)
-    assert method.student.unet is method.fake_score.unet is t.unet and method.target is None  # one UNet
+    assert (
+        method.student.unet is method.critic.fake_score.unet is t.unet and method.target is None
+    )  # one UNet
     assert method.teacher.base.adapter is None and method.student.adapter == "student"
-    assert method.fake_score.adapter == "fake"
+    assert method.critic.fake_score.adapter == "fake"
     assert all("lora_" in n for n in method.groups()[0].params)
     assert [g.name for g in method.groups()] == ["student", "discriminator", "fake_score"]
     x, ts, cond = torch.randn(2, *shape), torch.tensor([999, 499]), t.encode(["a", "b"])
@@ -381,8 +384,7 @@ def train_on_gmm(tmp_path, pretrain_steps, stage_steps, lr=1e-3, ema_target=True
         stage_steps=stage_steps,
         loss_type="l2",
         lr=lr,
-        warmup_steps=0,
-        weight_decay=0.0,
+        optim=OptimizerConfig(warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0),  # TSCD's clip, no warm-up
         guidance_scale=1.0,
     )
     target = mlp(init_from=student).requires_grad_(False) if ema_target else None

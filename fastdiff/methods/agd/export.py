@@ -1,4 +1,5 @@
-"""AGD exports: the teacher pipeline + the trained guidance adapters as one adapter-guidance pipeline folder.
+"""AGD's export: the teacher pipeline + the trained guidance adapters as one adapter-guidance pipeline folder
+(``fastdiff.export`` writes it with what ``AGD.export_pipeline`` / ``AGD.recipe`` / ``AGD.model_card`` declare).
 
     out/pipeline/               model_index.json, the teacher's components, adapters/ (safetensors + config +
                                 guidance_adapters.py), adapter_guidance.py (the pipeline class)
@@ -12,14 +13,7 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import torch
-
-from ... import __version__
-from ...export import RECIPE_FILE, _sample_grid, _self_check
 
 PIPELINE_CLASSES = {
     "sdxl": "StableDiffusionXLAdapterGuidancePipeline",
@@ -28,8 +22,9 @@ PIPELINE_CLASSES = {
 
 
 def pipeline_class(family: str):
-    import pipelines.adapter_guidance as module
+    from ...paths import pipeline_module
 
+    module = pipeline_module("adapter_guidance")
     if family not in PIPELINE_CLASSES:
         raise ValueError(f"AGD exports support {', '.join(PIPELINE_CLASSES)} teachers, not {family!r}")
     return getattr(module, PIPELINE_CLASSES[family])
@@ -58,54 +53,7 @@ def build_pipeline(method, teacher):
     return pipe
 
 
-def export_agd(method, teacher, config: dict, out_dir, prompts=None, train_seconds=None) -> Path:
-    """Write ``pipeline/`` (teacher + adapters + pipeline code), ``fastdiff.json`` and ``README.md``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    method.float()
-    teacher.to_float32()
-    pipe = build_pipeline(method, teacher)
-    shutil.rmtree(out / "pipeline", ignore_errors=True)
-    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
-    cls = type(pipe)
-    pipe = cls.from_pretrained(out / "pipeline", use_safetensors=True)  # check what was written, not the copy
-    pipe.set_progress_bar_config(disable=True)
-    unet_params = sum(p.numel() for p in pipe.unet.parameters())
-    adapter_params = sum(p.numel() for p in pipe.adapters.parameters())
-    cfg = method.cfg
-    recipe = {
-        "method": method.name,
-        "num_inference_steps": method.num_inference_steps,
-        "guidance_scale": method.guidance_scale,
-        "timesteps": method.student_timesteps,
-        "timesteps_derivable": True,
-        "scheduler": type(pipe.scheduler).__name__,
-        "sampler": "scheduler",  # any diffusers scheduler: the adapters replace CFG, not the sampler
-        "nfe_per_step": 1,
-        "w_range": [cfg.w_min, cfg.w_max],
-        "lora_scale": None,
-        "lora": None,
-        "pipeline_class": cls.__name__,
-        "pipeline_file": "pipeline/adapter_guidance.py",
-        "adapters": {
-            "parameters": adapter_params,
-            "unet_parameters": unet_params,
-            "fraction_of_unet": adapter_params / unet_params,
-        },
-        "teacher": teacher.path,
-        "fastdiff_version": __version__,
-        "train_seconds": train_seconds,
-        "trajectory_seconds": getattr(method, "trajectory_seconds", None),
-        "config": config,
-    }
-    recipe["check"] = _self_check(method, teacher, pipe, recipe)
-    (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
-    grid = _sample_grid(pipe, recipe, out, prompts or ["a photo of a cat"])
-    (out / "README.md").write_text(model_card(recipe, grid.relative_to(out)))
-    return out
-
-
-def model_card(recipe: dict, grid: Path) -> str:
+def model_card(recipe: dict, grid: str) -> str:
     cls, steps, w = recipe["pipeline_class"], recipe["num_inference_steps"], recipe["guidance_scale"]
     lo, hi = recipe["w_range"]
     share = 100 * recipe["adapters"]["fraction_of_unet"]
@@ -151,5 +99,5 @@ or `fastdiff generate . "a photo of a cat"`, which reads these arguments from `f
 
 ## Samples
 
-![samples]({grid.as_posix()})
+![samples]({grid})
 """

@@ -21,38 +21,57 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import AGDConfig
+from ...config import OptimizerConfig, optim_field
 from ...models.adapters import GuidanceAdapters
 from ...models.denoiser import Denoiser, cat_conds
-from ..base import Group, Method, optimizer_settings
+from ...recipe import Recipe, make_scheduler
+from ..base import Group, Method, RunContext, optimizer_settings
+from ..registry import register
+
+
+@dataclass
+class AGDConfig:
+    """AGD, adapter guidance distillation (Jensen & Sadat 2025); defaults: the card and the reference
+    (cristianpjensen/agd): w ~ U[1, 12], AdamW lr 1e-4, cosine with 10% warm-up, 5k steps."""
+
+    # trajectories: the teacher with CFG w on a diffusers scheduler, every step stored (fastdiff.methods.agd.trajectories)
+    trajectories: str | None = None  # shard folder; default <output_dir>/trajectories
+    w_min: float = 1.0  # w ~ U[w_min, w_max] per trajectory
+    w_max: float = 12.0
+    num_trajectories: int | None = None  # default: one per prompt
+    num_inference_steps: int = 50  # teacher steps per trajectory (reference: ~1000); also the export's
+    scheduler: str | None = None  # diffusers scheduler class; default: the teacher's own
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {timestep_spacing: trailing}
+    negative_prompt_prob: float = 0.0  # chance that a trajectory's CFG guides away from a negative prompt
+    negative_prompts: str | None = None  # .txt/.jsonl of negative prompts; default: other training prompts
+    shard_size: int = 64  # trajectories per safetensors shard
+    trajectory_batch_size: int = 8  # trajectories sampled together
+    trajectory_dtype: str = "float16"  # float32 | float16 | bfloat16 (stored x_t and targets)
+    # adapters (fastdiff.models.adapters)
+    hidden_dim: int = 320
+    num_heads: int = 1
+    mlp_ratio: float = 1.0
+    use_timestep: bool = True
+    use_prompt: bool = True
+    use_negative_prompt: bool = True
+    gate_by_w: bool = True  # residuals scaled by (w - 1): w = 1 is exactly the conditional model
+    adapter_seed: int = 0  # seed of the fixed Fourier features
+    # training
+    lr: float = 1.0e-4
+    optim: OptimizerConfig = optim_field(warmup_steps=500, lr_schedule="cosine", max_grad_norm=1.0)
+    ema_decay: float | None = None
+    # export: the recipe recorded in fastdiff.json (any w in [w_min, w_max] and any scheduler work)
+    guidance_scale: float = 5.0  # recommended w (SDXL 5-8, SD1.5 7.5, tiny teachers 1-2)
 
 
 # --- the teacher's guided trajectories (pure given the networks) -----------------------------------------------
-def make_scheduler(base, name: str | None = None, kwargs: dict | None = None):
-    """A fresh diffusers scheduler: class ``name`` (default: the base's own) from the config of ``base`` (a
-    scheduler, or a config dict naming its class in ``_class_name``), with ``kwargs`` overriding the config."""
-    import diffusers
-    from diffusers import SchedulerMixin
-
-    if isinstance(base, SchedulerMixin):
-        config, default = dict(base.config), type(base).__name__
-    else:
-        config, default = dict(base), dict(base).get("_class_name")
-    cls_name = name or default
-    cls = getattr(diffusers, cls_name, None) if cls_name else None
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(
-            f"agd.scheduler: {cls_name!r} is not a diffusers scheduler class (e.g. DDIMScheduler, "
-            "EulerDiscreteScheduler, DPMSolverMultistepScheduler)"
-        )
-    return cls.from_config(config, **dict(kwargs or {}))
-
-
 def fresh(scheduler):
     """A new scheduler of the same class and config (schedulers keep a step index: one per sampling run)."""
     return type(scheduler).from_config(scheduler.config)
@@ -126,6 +145,7 @@ def cfg_trajectory(
 
 
 # --- the method ------------------------------------------------------------------------------------------------
+@register
 class AGD(Method):
     """Adapter guidance distillation on a frozen base denoiser (a UNet, or any network with diffusers
     cross-attention blocks) with ``GuidanceAdapters`` attached to it.
@@ -142,6 +162,7 @@ class AGD(Method):
     """
 
     name = "agd"
+    config = AGDConfig
 
     def __init__(
         self,
@@ -162,6 +183,7 @@ class AGD(Method):
         self.negative_tokens = negative_tokens or (lambda c: c.prompt_embeds)
         self.guidance_scale = float(cfg.guidance_scale)
         self.num_inference_steps = int(cfg.num_inference_steps)
+        self.trajectory_seconds: float | None = None  # the trajectory stage's wall time, for the export
 
     @property
     def student_timesteps(self) -> list[int]:
@@ -173,7 +195,7 @@ class AGD(Method):
     def groups(self) -> list[Group]:
         c = self.cfg
         params = {n: p for n, p in self.adapters.named_parameters()}
-        return [Group("adapters", params, c.lr, ema_decay=c.ema_decay, **optimizer_settings(c, "agd"))]
+        return [Group("adapters", params, c.lr, ema_decay=c.ema_decay, **optimizer_settings(c.optim, "agd"))]
 
     def guided(self, x_t, t, cond, w, negative=None) -> torch.Tensor:
         """One forward of the adapter-guided network: its native prediction at guidance scale w (number or [n]),
@@ -210,7 +232,72 @@ class AGD(Method):
             x = sched.step(pred.to(x.dtype), t, x, **extra, return_dict=False)[0]
         return x
 
+    # --- stages: the teacher's trajectories, then batches from them ------------------------------------------
+    @classmethod
+    def prepare(cls, ctx: RunContext):
+        """Stage 1: the teacher's CFG trajectories (resumable, split over ranks), before the adapters attach."""
+        import time
+
+        from .trajectories import prepare
+
+        start = time.perf_counter()
+        store = prepare(ctx.run, ctx.teacher, ctx.resolution, ctx.rank, ctx.world_size, ctx.barrier)
+        store.seconds = time.perf_counter() - start
+        return store
+
+    def batch_source(self, ctx: RunContext):
+        from .trajectories import trajectory_batch_fn
+
+        self.trajectory_seconds = ctx.prepared.seconds
+        return trajectory_batch_fn(
+            ctx.run, ctx.teacher, ctx.prepared, ctx.resolution, ctx.rank, ctx.world_size
+        )
+
+    # --- export: the teacher plus the adapters as one adapter-guidance pipeline -----------------------------------
+    def recipe(self, scheduler_config: dict) -> Recipe:
+        """Any diffusers scheduler and step count (the adapters replace CFG, not the sampler), any w in range."""
+        c = self.cfg
+        scheduler = type(self.scheduler).__name__
+        adapters = sum(p.numel() for p in self.adapters.parameters())
+        unet = sum(p.numel() for p in self.student.unet.parameters())
+        extra = {
+            "nfe_per_step": 1,
+            "w_range": [c.w_min, c.w_max],
+            "pipeline_file": "pipeline/adapter_guidance.py",
+            "adapters": {
+                "parameters": adapters,
+                "unet_parameters": unet,
+                "fraction_of_unet": adapters / unet,
+            },
+            "trajectory_seconds": self.trajectory_seconds,
+        }
+        return Recipe(
+            self.name,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.student_timesteps,
+            scheduler,
+            dict(c.scheduler_kwargs),
+            sampler="scheduler",
+            step_counts=None,
+            extra=extra,
+        )
+
+    def export_pipeline(self, teacher):
+        from .export import build_pipeline
+
+        return build_pipeline(self, teacher)
+
+    def model_card(self, recipe: dict, grid: str) -> str:
+        from .export import model_card
+
+        return model_card(recipe, grid)
+
     # --- construction from a diffusers teacher ----------------------------------------------------------------
+    @classmethod
+    def build(cls, ctx: RunContext) -> AGD:
+        return cls.from_teacher(ctx.teacher, ctx.config, ctx.latent_shape)
+
     @classmethod
     def from_teacher(cls, teacher, cfg: AGDConfig, latent_shape) -> AGD:
         """Adapters for every cross-attention block of the teacher's UNet, attached to it (base frozen)."""
@@ -260,4 +347,4 @@ def check_config(cfg: AGDConfig) -> None:
         raise ValueError(
             f"agd.trajectory_dtype must be float32, float16 or bfloat16, got {cfg.trajectory_dtype!r}"
         )
-    optimizer_settings(cfg, "agd")  # checks lr_schedule before the trajectory stage
+    optimizer_settings(cfg.optim, "agd")  # checks lr_schedule before the trajectory stage

@@ -346,6 +346,9 @@ class TrajectoryStore:
     record at a time (``safe_open`` slices), so the folder may be far larger than memory.
     """
 
+    def __str__(self) -> str:
+        return f"{self.folder}: {self.plan['num_trajectories']} trajectories, {self.num_records} records"
+
     def __init__(self, folder: str | Path, plan: dict | None = None):
         self.folder = Path(folder)
         manifest = _read_manifest(self.folder)
@@ -409,7 +412,7 @@ class TrajectoryStore:
 # --- a run's AGD data stage ------------------------------------------------------------------------------------
 def trajectory_folder(cfg) -> Path:
     """``agd.trajectories``, or ``<output_dir>/trajectories``."""
-    return Path(cfg.agd.trajectories or Path(cfg.output_dir) / "trajectories")
+    return Path(cfg.section.trajectories or Path(cfg.output_dir) / "trajectories")
 
 
 def prepare(cfg, teacher, resolution: int, rank: int = 0, world_size: int = 1, barrier=lambda: None):
@@ -421,8 +424,8 @@ def prepare(cfg, teacher, resolution: int, rank: int = 0, world_size: int = 1, b
             "agd samples its training data from the teacher and needs prompts: set `prompts=<file.txt|.jsonl>`"
         )
     prompts = load_prompts(cfg.prompts)
-    negatives = load_prompts(cfg.agd.negative_prompts) if cfg.agd.negative_prompts else None
-    plan = make_plan(cfg.agd, teacher, prompts, negatives, resolution, cfg.seed)
+    negatives = load_prompts(cfg.section.negative_prompts) if cfg.section.negative_prompts else None
+    plan = make_plan(cfg.section, teacher, prompts, negatives, resolution, cfg.seed)
     folder = trajectory_folder(cfg)
     report = generate_trajectories(folder, plan, teacher, rank, world_size, barrier)
     logger.info(

@@ -1,7 +1,15 @@
 """TSCD's room: the method (``method``) and its reward term (``reward``)."""
 
-from ...config import TSCDConfig
-from .method import TSCD, edge_of, prev_timesteps, segment_edges, solver_timesteps, stage_segments, x0_eps
+from .method import (
+    TSCD,
+    TSCDConfig,
+    edge_of,
+    prev_timesteps,
+    segment_edges,
+    solver_timesteps,
+    stage_segments,
+    x0_eps,
+)
 
 __all__ = [
     "TSCD",

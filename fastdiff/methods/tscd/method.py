@@ -30,15 +30,46 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ... import schedule
-from ...config import TSCDConfig
+from ...config import OptimizerConfig, optim_field
 from ...models.denoiser import CFG, Denoiser
-from .. import losses
-from ..base import Group, Method, optimizer_settings, randint, randn
+from ...recipe import Recipe, StepRecipe, derive_scheduler
+from .. import losses, student
+from ..base import ExportedStudent, Group, Method, RunContext, optimizer_settings, randint, randn
+from ..critic import Critic
+from ..registry import register
+
+
+@dataclass
+class TSCDConfig:
+    """TSCD / Hyper-SD (paper only); defaults from the PCM SD1.5 LoRA recipe where the paper gives none."""
+
+    student: str = "lora"  # lora (adapter "student" on the teacher UNet) | full (copy + EMA target copy)
+    lora_rank: int = 64
+    lora_alpha: int = 8
+    guidance_scale: float = 5.5  # standard CFG scale s (LCM-form w = s - 1; PCM SD1.5: w in [4, 5])
+    num_ddim_timesteps: int = 50  # N solver steps over T
+    segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # k per stage, in training order
+    stage_steps: list[int] = field(default_factory=lambda: [5000] * 4)  # per stage; the last runs on
+    loss_type: str = "huber"  # huber | l2
+    huber_c: float = 0.001  # PCM / LCM-LoRA SD1.5
+    lr: float = 5e-6
+    optim: OptimizerConfig = optim_field(weight_decay=1e-3, warmup_steps=500, max_grad_norm=1.0)
+    target_ema_decay: float = 0.95  # full mode: the target network is an EMA of the student (LCM)
+    ema_decay: float | None = None  # the trainer's EMA of the student weights, for export
+    adversarial_weight: float = 0.0  # PCM uses 0.1 when on
+    discriminator_lr: float = 1e-5
+    reward_weight: float = 0.0  # λ_R of the reward term on the one-step sample
+    reward_model: str = "auto"  # digits | DigitClassifier folder | local CLIP folder | auto (digits teacher)
+    dmd_weight: float = 0.0  # DMD term in the one-segment stage; needs a fake score
+    fake_lr: float = 1e-5
+    dmd_min_step: int = 20
+    dmd_max_step: int = 980
 
 
 # --- the solver and its segments (pure functions) ------------------------------------------------------------
@@ -86,6 +117,7 @@ def x0_eps(net: Denoiser, x_t: torch.Tensor, t, cond) -> tuple[torch.Tensor, tor
     return schedule.to_x0(pred, x_t, t, acp, kind), schedule.to_eps(pred, x_t, t, acp, kind)
 
 
+@register
 class TSCD(Method):
     """Trajectory-segmented consistency distillation on any denoisers (a UNet LoRA, a full copy, a test MLP).
 
@@ -105,7 +137,7 @@ class TSCD(Method):
     """
 
     name = "tscd"
-    sampler = "ddim"  # for export: DDIMScheduler(timestep_spacing="trailing") reproduces generate()
+    config = TSCDConfig
 
     def __init__(
         self,
@@ -135,12 +167,12 @@ class TSCD(Method):
             raise ValueError("tscd.dmd_weight > 0 needs a fake score")
         self.student, self.teacher, self.target = student, teacher, target
         self.keep_fp32 = ("target",) if target is not None else ()  # an EMA kept in half precision drifts
-        self.features, self.head, self.reward_fn, self.fake_score = features, head, reward_fn, fake_score
+        self.features, self.head, self.reward_fn = features, head, reward_fn
+        self.critic = Critic(fake_score, fake_params or {}) if fake_score is not None else None
         self.cfg = cfg
         self.sample_shape = tuple(sample_shape)
         self.num_train_timesteps = num_train_timesteps
         self._student_params = student_params
-        self._fake_params = fake_params or {}
         self._target_step = 0  # the step the EMA target was last updated for (it starts as a copy)
         N = cfg.num_ddim_timesteps
         self.register_buffer("tau", solver_timesteps(N, num_train_timesteps), persistent=False)  # τ_n
@@ -162,13 +194,13 @@ class TSCD(Method):
 
     def groups(self) -> list[Group]:
         c = self.cfg
-        common = optimizer_settings(c, "tscd")
+        common = optimizer_settings(c.optim, "tscd")
         groups = [Group("student", self._student_params, c.lr, ema_decay=c.ema_decay, **common)]
         if c.adversarial_weight:
             head = {f"head.{n}": p for n, p in self.head.named_parameters()}
             groups.append(Group("discriminator", head, c.discriminator_lr, **common))
         if c.dmd_weight:
-            groups.append(Group("fake_score", self._fake_params, c.fake_lr, **common))
+            groups.append(Group("fake_score", self.critic.params(), c.fake_lr, **common))
         return groups
 
     # --- the sampler --------------------------------------------------------------------------------------------
@@ -253,15 +285,10 @@ class TSCD(Method):
             )
         c, k = self.cfg, self.segments_at(step)
         n_samples, device = real.shape[0], real.device
-        if group == "fake_score":  # DMD2's critic: denoising score matching on the one-step samples
+        if group == "fake_score":  # the shared critic: denoising score matching on the one-step samples
             with torch.no_grad():
                 x = self._one_step_sample(cond, n_samples, generator, device)
-            t = randint(0, self.num_train_timesteps, n_samples, generator, device)
-            eps = randn(x.shape, generator, device)
-            x_t = schedule.add_noise(x, eps, t, self.alphas_cumprod)
-            pred = self.fake_score.native(x_t, t, cond)
-            target = schedule.target_for(self.fake_score.prediction_type, x, eps, t, self.alphas_cumprod)
-            return {"fake_dsm": losses.denoising_loss(pred, target)}
+            return {"fake_dsm": self.critic.denoising_loss(x, cond, generator)}
 
         self._update_target(step)
         n = randint(0, c.num_ddim_timesteps, n_samples, generator, device)  # n ~ U{0..N-1}
@@ -291,14 +318,24 @@ class TSCD(Method):
             if c.reward_weight:
                 terms["reward"] = -c.reward_weight * self.reward_fn(x, batch)
             if c.dmd_weight and k == 1:  # DMD2's distribution-matching gradient on the one-step sample
-                t = randint(c.dmd_min_step, c.dmd_max_step + 1, n_samples, generator, device)
-                x_t = schedule.add_noise(
-                    x.detach(), randn(x.shape, generator, device), t, self.alphas_cumprod
-                )
-                with torch.no_grad():
-                    x0_real, x0_fake = self.teacher(x_t, t, cond), self.fake_score(x_t, t, cond)
-                terms["dmd"] = c.dmd_weight * losses.dmd_loss(x, x0_real, x0_fake)
+                dmd = self.critic.dmd_loss(x, self.teacher, cond, generator, c.dmd_min_step, c.dmd_max_step)
+                terms["dmd"] = c.dmd_weight * dmd
         return terms
+
+    # --- export -------------------------------------------------------------------------------------------------
+    def exported_student(self) -> ExportedStudent:
+        return student.exported(self.student)
+
+    def recipe(self, scheduler_config: dict) -> Recipe:
+        """Deterministic DDIM on trailing timesteps (what ``generate`` is); per step count, Hyper-SD's usage: TCD
+        (eta 1) at one step, trailing DDIM at 2, 4 and 8."""
+        ts = self.student_timesteps
+        name, kwargs, derivable = derive_scheduler(scheduler_config, ts, "ddim")
+        recipes = {1: StepRecipe(1, 0.0, "TCDScheduler", {}, eta=1.0)}
+        recipes.update(
+            {k: StepRecipe(k, 0.0, "DDIMScheduler", {"timestep_spacing": "trailing"}) for k in (2, 4, 8)}
+        )
+        return Recipe(self.name, len(ts), 0.0, ts, name, kwargs, derivable, "ddim", list(recipes), recipes)
 
     # --- the EMA target in checkpoints (proposed Method hook, see the trainer) ------------------------------------
     def extra_state(self) -> dict[str, torch.Tensor]:
@@ -318,6 +355,17 @@ class TSCD(Method):
         self._target_step = int(tensors["target_step"])
 
     # --- construction from a diffusers teacher --------------------------------------------------------------------
+    @classmethod
+    def build(cls, ctx: RunContext) -> TSCD:
+        if not ctx.with_real_data:
+            raise ValueError("tscd trains on real latents (as PCM/LCM do): set dataset=<image folder>")
+        reward_fn = None
+        if ctx.config.reward_weight:
+            from .reward import build_reward
+
+            reward_fn = build_reward(ctx.config.reward_model, ctx.teacher)
+        return cls.from_teacher(ctx.teacher, ctx.config, ctx.latent_shape, reward_fn)
+
     @classmethod
     def from_teacher(cls, teacher, cfg: TSCDConfig, latent_shape, reward_fn: Callable | None = None) -> TSCD:
         """LoRA (default): adapter ``student`` on the teacher UNet, adapters disabled = the teacher, one UNet.

@@ -38,8 +38,8 @@ class DigitsReward:
         self.vae, self.classifier = vae, classifier
 
     def __call__(self, x0: torch.Tensor, batch: dict) -> torch.Tensor:
-        from ...eval.classifier import reward_logprob
-        from ...eval.digits import label_of
+        from ...digits.classifier import reward_logprob
+        from ...digits.data import label_of
 
         labels = [label_of(p) for p in batch["prompts"]]
         keep = [i for i, y in enumerate(labels) if y is not None]
@@ -93,7 +93,7 @@ def _folder_kind(folder: Path) -> str:
 
 def build_reward(spec: str, teacher):
     """The reward named by ``spec`` (see the module docstring), frozen, on the teacher's device."""
-    from ...eval.classifier import DEFAULT_PATH, load_classifier
+    from ...digits.classifier import DEFAULT_PATH, load_classifier
 
     if spec == "auto":
         if teacher.path is not None and (Path(teacher.path) / "fastdiff_teacher.json").is_file():

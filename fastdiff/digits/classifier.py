@@ -5,7 +5,7 @@ Convention: every function here takes images in **[0, 1]** (what diffusers retur
 [-1, 1]: convert with ``(x + 1) / 2``.
 
 The shipped weights (``assets/eval/digits-classifier``) are made by ``python train/classifier.py``: trained on
-the fixed train split of ``fastdiff.eval.digits`` only, with light augmentation (small affine jitter, blur,
+the fixed train split of ``fastdiff.digits.data`` only, with light augmentation (small affine jitter, blur,
 gaussian noise, contrast) so slightly blurry or noisy generated digits are still classified sensibly.
 """
 
@@ -20,8 +20,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PATH = REPO_ROOT / "assets" / "eval" / "digits-classifier"
+from ..paths import asset
+
+DEFAULT_PATH = asset("eval", "digits-classifier")
 TRAIN_COMMAND = "python train/classifier.py --out assets/eval/digits-classifier"
 
 
@@ -149,7 +150,7 @@ def train_classifier(
     Returns (classifier in eval mode, held-out accuracy). Saved with ``save_pretrained(out,
     safe_serialization=True)`` when ``out`` is given.
     """
-    from .digits import load_split
+    from .data import load_split
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from .config import ConfigError, merge_layers
-from .eval.digits import NAMES, TEMPLATES, load_split, prompt_for
-from .schedule import add_noise, snr
+from ..config import ConfigError, merge_layers
+from ..schedule import add_noise, snr
+from .data import NAMES, TEMPLATES, load_split, prompt_for
 
 STATE_DIR = "_train_state"  # checkpoints inside the output folder; removed when the run completes
 TIME_IDS = (32, 32, 0, 0, 32, 32)  # original size, crop top-left, target size
@@ -318,7 +318,7 @@ def assemble_pipeline(vae, text_encoders, unet):
     """The StableDiffusionXLPipeline around the parts (in-memory tokenizers, trailing Euler scheduler)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from .models.tiny import make_tokenizer
+    from ..models.tiny import make_tokenizer
 
     return StableDiffusionXLPipeline(
         vae=vae,
@@ -562,7 +562,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
         flush=True,
     )
 
-    from .models.tiny import make_tokenizer
+    from ..models.tiny import make_tokenizer
 
     text_encoders = build_text_encoders(cfg.text, len(make_tokenizer()), cfg.seed + 100)
     unet = build_unet(cfg.unet, cfg.text, cfg.seed + 200)
@@ -632,7 +632,7 @@ def sample_teacher(
         steps: sampler steps.
         guidance_scale: CFG w (diffusers applies CFG when w > 1).
         seed: seeds the initial noise.
-        template: which prompt paraphrase (``fastdiff.eval.digits.TEMPLATES``).
+        template: which prompt paraphrase (``fastdiff.digits.data.TEMPLATES``).
         pipe: an already loaded pipeline (skips loading).
 
     Returns:
@@ -684,7 +684,7 @@ def self_check(out: str | Path, cfg: TeacherConfig) -> dict:
     save_grid(images, cfg.samples_per_digit, Path(out) / "samples.png")
     result: dict = {"samples_png": "samples.png", "guidance_scale": w, "num_inference_steps": steps}
     try:
-        from .eval.classifier import DEFAULT_PATH, accuracy, load_classifier
+        from .classifier import DEFAULT_PATH, accuracy, load_classifier
 
         classifier = load_classifier(DEFAULT_PATH) if cfg.eval_guidance_scales else None
     except (FileNotFoundError, ImportError) as e:

@@ -66,8 +66,3 @@ def load_split(split: str = "train", resolution: int = RESOLUTION) -> tuple[torc
     x = images[keep][:, None]
     x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
     return (x * 2 - 1).expand(-1, 3, -1, -1).contiguous(), labels[keep]
-
-
-def to_grey(images: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] images (any range) -> [N, 1, H, W] mean over channels."""
-    return images.mean(1, keepdim=True)

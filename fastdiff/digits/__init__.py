@@ -1,0 +1,1 @@
+"""The bundled digits toy: its data and prompts, the teacher trainer, the evaluation classifier."""

@@ -1,0 +1,239 @@
+"""How an export samples: the ``Recipe`` a method declares, written to ``fastdiff.json`` by export and read back by
+``fastdiff generate``, ``fastdiff serve`` and ``fastdiff bench quality``. Inference side only: nothing here imports
+training code.
+
+A recipe names a diffusers scheduler (class + keyword arguments on top of the teacher's scheduler config) whose
+``set_timesteps(num_inference_steps)`` gives the trained timesteps, so ``pipe(prompt, num_inference_steps=N,
+guidance_scale=w)`` is the whole call. ``step_counts`` says which step counts the export may run at (None: any), and
+``recipes`` gives a step count its own scheduler, guidance, timesteps, eta or LoRA where it differs. ``for_steps``
+is the one place that decides what a requested step count means.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECIPE_FILE = "fastdiff.json"
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class called ``name`` (a ValueError for anything else)."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, str(name), None) if name else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(
+            f"{name!r} is not a diffusers scheduler class (e.g. DDIMScheduler, LCMScheduler, "
+            "EulerDiscreteScheduler, DPMSolverMultistepScheduler)"
+        )
+    return cls
+
+
+def make_scheduler(base, name: str | None = None, kwargs: dict | None = None):
+    """A fresh scheduler of class ``name`` (default: the base's own) from ``base``'s config (a scheduler, or a config
+    dict naming its class in ``_class_name``), with ``kwargs`` overriding the config."""
+    from diffusers import SchedulerMixin
+
+    if isinstance(base, SchedulerMixin):
+        config, default = dict(base.config), type(base).__name__
+    else:
+        config, default = dict(base), dict(base).get("_class_name")
+    return scheduler_class(name or default).from_config(config, **dict(kwargs or {}))
+
+
+def derive_scheduler(scheduler_config: dict, timesteps: list[int], sampler: str = "lcm", also=()):
+    """A scheduler (class name, kwargs) whose ``set_timesteps(len(timesteps))`` gives ``timesteps``; with a flag
+    saying whether one was found (else LCMScheduler with explicit timesteps must be passed at call time).
+
+    ``sampler`` is how the student samples: "lcm" (x0, then fresh noise to the next timestep: DMD2, SiD) or "ddim"
+    (deterministic DDIM between trailing timesteps: consistency students such as TSCD). ``also``: more timestep
+    lists the same scheduler must derive from their lengths (a student trained at several step counts):
+    - K steps at LCM's own timesteps (e.g. [999, 749, 499, 249]): LCMScheduler(original_inference_steps=K);
+    - one step at t != 999 (DMD2 SDXL's t=399): DDIMScheduler(timestep_spacing="leading", steps_offset=t), which at
+      one step returns the x0 prediction exactly;
+    - uniform grids from 999 at several k: LCMScheduler(original_inference_steps=T) gives T-1 - floor(T i / k).
+    """
+    n = len(timesteps)
+    wanted = [list(timesteps), *(list(ts) for ts in also)]
+    exact = dict(clip_sample=False, set_alpha_to_one=True, thresholding=False)
+    if sampler == "ddim":
+        candidates = [("DDIMScheduler", dict(timestep_spacing="trailing", **exact))]
+    else:
+        candidates = [("LCMScheduler", {"original_inference_steps": n})]
+        if n == 1:
+            candidates.append(
+                ("DDIMScheduler", dict(timestep_spacing="leading", steps_offset=timesteps[0], **exact))
+            )
+        candidates.append(
+            ("LCMScheduler", {"original_inference_steps": scheduler_config.get("num_train_timesteps", 1000)})
+        )
+
+    def derives(name, kwargs, ts) -> bool:
+        sched = make_scheduler(scheduler_config, name, kwargs)
+        sched.set_timesteps(len(ts))
+        return sched.timesteps.tolist() == ts
+
+    for name, kwargs in candidates:
+        if all(derives(name, kwargs, ts) for ts in wanted):
+            return name, kwargs, True
+    return (*candidates[0], False)
+
+
+@dataclass
+class StepRecipe:
+    """How to sample at one step count. ``scheduler`` None: the export pipeline's saved scheduler; ``timesteps``
+    only when no scheduler config derives them; ``lora``: a LoRA folder (relative to the export) applied to the
+    teacher for this step count, None for the exported ``pipeline/`` as it is."""
+
+    num_inference_steps: int
+    guidance_scale: float = 0.0
+    scheduler: str | None = None
+    scheduler_kwargs: dict = field(default_factory=dict)
+    timesteps: list[int] | None = None
+    eta: float | None = None
+    lora: str | None = None
+
+    def call_kwargs(self) -> dict:
+        """The pipeline call arguments (besides the prompt) of this step count."""
+        kw = {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale}
+        if self.timesteps is not None:
+            kw["timesteps"] = list(self.timesteps)
+        if self.eta is not None:
+            kw["eta"] = self.eta
+        return kw
+
+    def to_json(self) -> dict:
+        out = {
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "scheduler": self.scheduler,
+            "scheduler_kwargs": self.scheduler_kwargs,
+            "lora": self.lora,
+        }
+        out.update({k: v for k, v in (("timesteps", self.timesteps), ("eta", self.eta)) if v is not None})
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> StepRecipe:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class Recipe:
+    """The sampling part of ``fastdiff.json``.
+
+    Args:
+        method: the method's registered name.
+        num_inference_steps / guidance_scale / timesteps: the default call and the timesteps it samples at.
+        scheduler / scheduler_kwargs: the scheduler class and its kwargs on top of the teacher's scheduler config
+            (the export's ``pipeline/scheduler`` holds the result).
+        timesteps_derivable: False when the call must pass ``timesteps`` explicitly.
+        sampler: what the student's sampler is (``lcm``, ``ddim``, ``scheduler``: any diffusers scheduler).
+        step_counts: the step counts the export may run at; None: any.
+        recipes: per-step-count overrides.
+        extra: method-specific fields written to fastdiff.json as they are (e.g. AGD's trained w range).
+    """
+
+    method: str
+    num_inference_steps: int
+    guidance_scale: float
+    timesteps: list
+    scheduler: str
+    scheduler_kwargs: dict = field(default_factory=dict)
+    timesteps_derivable: bool = True
+    sampler: str = "lcm"
+    step_counts: list[int] | None = None
+    recipes: dict[int, StepRecipe] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def allowed_steps(self) -> list[int] | None:
+        if self.step_counts is None:
+            return None
+        return sorted({self.num_inference_steps, *self.step_counts, *self.recipes})
+
+    def for_steps(self, steps: int | None = None) -> StepRecipe:
+        """What sampling at ``steps`` means for this export: None is its default call (the exported pipeline with its
+        saved scheduler); a count with a recipe of its own gets that; another allowed count runs the saved
+        scheduler at that count. A ValueError names the counts it supports otherwise."""
+        n = self.num_inference_steps
+        if steps is None or (steps == n and steps not in self.recipes):
+            return StepRecipe(
+                n, self.guidance_scale, timesteps=None if self.timesteps_derivable else list(self.timesteps)
+            )
+        if steps in self.recipes:
+            return self.recipes[steps]
+        allowed = self.allowed_steps()
+        if steps >= 1 and (allowed is None or steps in allowed):
+            return StepRecipe(steps, self.guidance_scale)
+        raise ValueError(
+            f"this {self.method} export was trained for {n} step(s) at timesteps {self.timesteps}; it samples at "
+            f"{allowed} step(s) (see {RECIPE_FILE}), not {steps}"
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "timesteps": list(self.timesteps),
+            "timesteps_derivable": self.timesteps_derivable,
+            "scheduler": self.scheduler,
+            "scheduler_kwargs": self.scheduler_kwargs,
+            "sampler": self.sampler,
+            "step_counts": self.allowed_steps(),
+            "recipes": {str(k): r.to_json() for k, r in sorted(self.recipes.items())},
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Recipe:
+        known = {k for k in cls.__dataclass_fields__ if k not in ("recipes", "extra")}
+        return cls(
+            **{k: data[k] for k in known if k in data},
+            recipes={int(k): StepRecipe.from_json(v) for k, v in (data.get("recipes") or {}).items()},
+        )
+
+
+def read_recipe(folder: str | Path) -> dict:
+    """``fastdiff.json`` of an export folder, as a dict (``Recipe.from_json`` reads its sampling part)."""
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a fastdiff export: {RECIPE_FILE} is missing")
+    return json.loads(path.read_text())
+
+
+def load_recipe(folder: str | Path) -> Recipe:
+    return Recipe.from_json(read_recipe(folder))
+
+
+def apply_scheduler(pipe, step: StepRecipe) -> None:
+    """Give ``pipe`` the scheduler ``step`` names (from the pipeline's own scheduler config); none: leave it."""
+    if step.scheduler is not None:
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, step.scheduler, step.scheduler_kwargs)
+
+
+def load_pipeline(folder: str | Path, **kwargs):
+    """A saved pipeline folder: a standard diffusers pipeline, or one of fastdiff's custom pipelines (an export
+    whose model_index.json names a file of ``pipelines/``), loaded with fastdiff's own copy of that class so that
+    no code from the folder runs."""
+    from diffusers import DiffusionPipeline
+
+    from .teacher import check_pipeline_folder
+
+    index = Path(folder) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if isinstance(name, list):
+        from .paths import pipeline_module
+
+        try:
+            module = pipeline_module(name[0])
+        except ImportError:
+            module = None
+        if getattr(module, name[1], None) is None:
+            raise ValueError(f"{folder} needs the pipeline {name[1]} from {name[0]}.py, unknown to fastdiff")
+        return getattr(module, name[1]).from_pretrained(folder, **kwargs)
+    check_pipeline_folder(folder)
+    return DiffusionPipeline.from_pretrained(folder, **kwargs)
