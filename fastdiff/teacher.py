@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -145,6 +147,11 @@ class Teacher:
             return [Cond(e, p, time_ids[0]) for e, p in zip(embeds, pooled)]
         embeds, _ = pipe.encode_prompt(prompts, self.device, 1, False)
         return [Cond(e) for e in embeds]
+
+    def unconditional(self, latent_shape) -> Callable[[int], Cond]:
+        """``null_cond`` at the resolution of ``latent_shape``, as a function of the batch size: CFG's unconditional
+        branch must carry the same SDXL size conditioning (time ids) as the batch it is combined with."""
+        return functools.partial(self.null_cond, resolution=latent_shape[-1] * self.vae_scale)
 
     def null_cond(self, n: int, resolution: int | None = None) -> Cond:
         """The unconditional input for CFG: zeroed embeddings for SDXL (as its pipeline and DMD2 do), "" for SD1.5."""

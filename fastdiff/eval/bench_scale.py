@@ -15,6 +15,7 @@ same code on the tiny UNets of ``fastdiff.models.tiny`` on the CPU (a test of th
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -154,6 +155,9 @@ class BenchTeacher:
         return UNetDenoiser(
             unet if unet is not None else self.unet, self.alphas_cumprod, self.prediction_type, adapter
         )
+
+    def unconditional(self, latent_shape):
+        return functools.partial(self.null_cond, resolution=latent_shape[-1] * 8)
 
     def null_cond(self, n: int, resolution: int | None = None) -> Cond:
         width, pooled = cond_dims(self.unet)

@@ -179,7 +179,7 @@ class DMD2(CriticMethod):
         real = CFG(
             teacher.denoiser(teacher.unet, adapter=None if cfg.shared_base else "*"),
             cfg.guidance_scale,
-            teacher.null_cond,
+            teacher.unconditional(latent_shape),
         )
         head = unet_discriminator_head(teacher.unet, latent_shape) if with_gan else None
         return cls(generator, fake, real, cfg, latent_shape, gen_params, fake_params, head)

@@ -389,5 +389,14 @@ class SiD(CriticMethod):
         real = teacher.denoiser(teacher.unet, adapter=None if cfg.shared_base else "*")
         head = unet_discriminator_head(teacher.unet, latent_shape) if with_gan else None
         return cls(
-            generator, fake, real, cfg, latent_shape, gen_params, fake_params, teacher.null_cond, head, seed
+            generator,
+            fake,
+            real,
+            cfg,
+            latent_shape,
+            gen_params,
+            fake_params,
+            teacher.unconditional(latent_shape),
+            head,
+            seed,
         )

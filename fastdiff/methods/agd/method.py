@@ -305,7 +305,14 @@ class AGD(Method):
         adapters = adapters_for(teacher.unet, cfg, num_train_timesteps=len(teacher.alphas_cumprod))
         adapters.to(teacher.device).attach(teacher.unet)
         scheduler = make_scheduler(teacher.pipeline.scheduler, cfg.scheduler, cfg.scheduler_kwargs)
-        return cls(teacher.denoiser(teacher.unet), adapters, cfg, latent_shape, scheduler, teacher.null_cond)
+        return cls(
+            teacher.denoiser(teacher.unet),
+            adapters,
+            cfg,
+            latent_shape,
+            scheduler,
+            teacher.unconditional(latent_shape),
+        )
 
 
 def adapters_for(model: nn.Module, cfg: AGDConfig, num_train_timesteps: int = 1000) -> GuidanceAdapters:

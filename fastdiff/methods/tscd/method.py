@@ -400,7 +400,7 @@ class TSCD(Method):
             head = DiscriminatorHead(base.config.block_out_channels[-1], mid_side)
         return cls(
             student,
-            CFG(bare, cfg.guidance_scale, teacher.null_cond),
+            CFG(bare, cfg.guidance_scale, teacher.unconditional(latent_shape)),
             cfg,
             latent_shape,
             student_params,
