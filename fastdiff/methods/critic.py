@@ -139,13 +139,19 @@ def student_and_fake(
     """Generator and fake score initialised from the teacher's UNet, as DMD2 and SiD build them.
 
     Each is a full float32 copy (``"full"``) or a LoRA adapter (``"lora"``: adapters named ``adapters``, so that
-    several students on one UNet do not collide). With ``shared_base`` both adapters sit on the teacher's own UNet
-    (one UNet in memory; adapters disabled is the teacher), else each network gets its own copy.
+    several students on one UNet do not collide). With ``shared_base`` the LoRA networks sit on the teacher's own
+    frozen UNet (adapters disabled is the teacher) and only full networks get a copy; without it every network
+    gets its own copy. The layouts, by UNets in memory (teacher included):
+
+    - ``lora`` + ``lora``, shared: one UNet, two adapters (the memory-saving shared-base mode);
+    - ``lora`` generator + ``full`` fake score, shared: two (the reference DMD2 SDXL LoRA recipe's networks; the
+      reference also keeps a third, the generator's own frozen base, which is the teacher's weights again);
+    - anything without ``shared_base``: three.
 
     Args:
         teacher: a loaded ``Teacher`` (its ``unet`` and ``denoiser``).
         generator / fake_score: ``"lora"`` or ``"full"``.
-        shared_base: both as adapters on the teacher's UNet (needs both ``"lora"``).
+        shared_base: LoRA networks as adapters on the teacher's UNet (needs at least one ``"lora"``).
         rank / alpha: LoRA rank and lora_alpha.
         section: the config section the values come from (``"dmd2"``, ``"sid"``), named in errors.
         adapters: the (generator, fake score) adapter names.
@@ -155,25 +161,32 @@ def student_and_fake(
     """
     from ..models.lora import add_adapter, named_adapter_parameters
 
-    if shared_base and (generator != "lora" or fake_score != "lora"):
-        raise ValueError(
-            f"{section}.shared_base needs {section}.generator=lora and {section}.fake_score=lora"
-        )
-    for key, kind in (("generator", generator), ("fake_score", fake_score)):
+    kinds = {"generator": generator, "fake_score": fake_score}
+    for key, kind in kinds.items():
         if kind not in ("lora", "full"):
             raise ValueError(f"{section}.{key} must be 'lora' or 'full', got {kind!r}")
+    if shared_base and "lora" not in kinds.values():
+        raise ValueError(
+            f"{section}.shared_base needs a LoRA network to share the teacher's UNet: set {section}.generator=lora "
+            f"and/or {section}.fake_score=lora, or {section}.shared_base=false"
+        )
     base = teacher.unet
+    # every copy is taken before an adapter lands on the shared base
+    unets = {
+        key: base if shared_base and kind == "lora" else copy.deepcopy(base).float()
+        for key, kind in kinds.items()
+    }
 
-    def make(kind: str, adapter: str):
-        unet = base if shared_base else copy.deepcopy(base).float()
-        if kind == "full":
+    def make(key: str, adapter: str):
+        unet = unets[key]
+        if kinds[key] == "full":
             unet.requires_grad_(True)
             return teacher.denoiser(unet), dict(unet.named_parameters())
         add_adapter(unet, adapter, rank, alpha)
         return teacher.denoiser(unet, adapter=adapter), named_adapter_parameters(unet, adapter)
 
-    gen, gen_params = make(generator, adapters[0])
-    fake, fake_params = make(fake_score, adapters[1])
+    gen, gen_params = make("generator", adapters[0])
+    fake, fake_params = make("fake_score", adapters[1])
     return gen, gen_params, fake, fake_params
 
 

@@ -9,11 +9,22 @@ Generator (every ``dfake_gen_update_ratio``-th iteration, the two-time-scale rul
     + λ_G softplus(-D(x_t'))  with real images available
 Critic (fake score + head, every iteration):
     denoising score matching on sg(x), t ~ U[0, T); + λ_D [softplus(D(fake_t)) + softplus(-D(real_t))]
+
+Regression initialisation (``init=regression``, the reference's SDXL 1-step recipe): a stage before training
+generates N teacher ODE pairs (z, x_teacher(z, c)) (``fastdiff.methods.ode_pairs``: DDIM with CFG w, resumable
+shards), and the generator's updates in the first ``regression_steps`` iterations minimise
+    L_reg = ||G(z, t_0, c) - x_teacher||²  (latent MSE),  or  LPIPS(decode(G(z)), decode(x_teacher))
+with the fake score trained as usual meanwhile; DMD takes over after. The reference instead pretrains the generator
+in a separate run (10k pairs from a 50-step Euler sampler at CFG 8, LPIPS on tiny-VAE-decoded images, lr 1e-5,
+batch 256 on 64 GPUs, 2,000 iterations) and starts DMD from it with a fresh fake score. Here one run holds both
+phases, so the regression runs at the generator group's lr and interval (a group has one of each per run).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,10 +33,12 @@ from .. import schedule
 from ..config import OptimizerConfig, optim_field
 from ..models.denoiser import CFG, Denoiser
 from ..recipe import Recipe, derive_scheduler
-from . import student
+from . import ode_pairs, student
 from .base import Group, RunContext, optimizer_settings, randint, randn
 from .critic import CriticMethod, gan_wanted, student_and_fake
 from .registry import register
+
+INITS = ("teacher", "regression")
 
 
 @dataclass
@@ -33,9 +46,12 @@ class DMD2Config:
     """DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation"); defaults are the SDXL reference."""
 
     guidance_scale: float = 8.0  # CFG w of the real score (SDXL 8, SD1.5 1.75)
+    # Networks (critic.student_and_fake): each a LoRA adapter or a full float32 UNet copy; shared_base puts the
+    # LoRA ones on the teacher's own frozen UNet. lora + lora + shared_base: one UNet in memory (memory-saving);
+    # lora generator + full fake score + shared_base: the reference's LoRA layout, two UNets in memory.
     generator: str = "lora"  # lora | full
     fake_score: str = "lora"  # lora | full
-    shared_base: bool = True  # generator and fake score as two adapters on the one frozen teacher UNet
+    shared_base: bool = True  # LoRA networks sit on the teacher's UNet (adapters disabled = the teacher)
     lora_rank: int = 64
     lora_alpha: int = 8
     student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
@@ -50,6 +66,48 @@ class DMD2Config:
     gan_generator_weight: float = 5e-3  # λ_G (SDXL 5e-3, SD1.5 1e-3)
     gan_critic_weight: float = 1e-2
     ema_decay: float | None = None  # the reference uses no EMA
+    # initialisation: "teacher" (the teacher's weights) or "regression" (then the first regression_steps iterations
+    # regress G(z) onto the teacher's ODE pairs; module docstring)
+    init: str = "teacher"  # teacher | regression
+    regression_pairs: int = 0  # number of teacher ODE pairs (reference SDXL 1-step: 10,000)
+    regression_steps: int = 0  # iterations of the regression phase (the generator updates at every ratio-th)
+    regression_sampler_steps: int = 50  # the teacher's DDIM steps per pair (reference: 50 Euler, trailing)
+    lpips_model: str | None = None  # local TorchScript LPIPS (file, or folder with lpips.pt); unset: MSE
+    pairs: str | None = None  # pair shard folder; default <output_dir>/ode_pairs
+    pair_shard_size: int = 64  # pairs per safetensors shard
+    pair_batch_size: int = 8  # pairs sampled together
+    pair_dtype: str = "float16"  # float32 | float16 | bfloat16 (stored noise and images)
+
+
+def check_config(cfg: DMD2Config) -> None:
+    """Refuse an unknown ``init`` and regression settings that cannot run or would do nothing."""
+    if cfg.init not in INITS:
+        raise ValueError(f"dmd2.init must be one of {list(INITS)}, got {cfg.init!r}")
+    if cfg.init == "regression":
+        for key in ("regression_pairs", "regression_steps", "regression_sampler_steps"):
+            if getattr(cfg, key) < 1:
+                raise ValueError(
+                    f"dmd2.init=regression needs dmd2.{key} >= 1, got {getattr(cfg, key)} "
+                    "(regression_pairs: how many teacher ODE pairs; regression_steps: iterations of the phase)"
+                )
+        return
+    unused = [k for k in ("regression_pairs", "regression_steps") if getattr(cfg, k)]
+    unused += ["lpips_model"] if cfg.lpips_model else []
+    if unused:
+        raise ValueError(
+            f"{', '.join('dmd2.' + k for k in unused)} only apply with dmd2.init=regression (init is {cfg.init!r})"
+        )
+
+
+@dataclass
+class RegressionData:
+    """What DMD2's stage before training hands to ``build``: the pairs and, where given, the LPIPS model."""
+
+    pairs: ode_pairs.PairStore
+    lpips: nn.Module | None = None
+
+    def __str__(self) -> str:
+        return str(self.pairs)
 
 
 @register
@@ -64,17 +122,30 @@ class DMD2(CriticMethod):
         sample_shape: shape of one sample (C, H, W) or (D,).
         generator_params / fake_params: the trainable parameters of each network, by stable name.
         head: the discriminator head on the fake score's features, or None (no GAN term).
+        regression: ``draw(n, generator, device) -> {"noise", "image", "cond"}``, teacher ODE pairs for the
+            regression phase (``ode_pairs.pair_sampler``); None outside training runs.
+        lpips: ``ode_pairs.LatentLPIPS`` for an LPIPS regression loss, or None (latent MSE).
     """
 
     name = "dmd2"
     config = DMD2Config
 
     def __init__(
-        self, generator: Denoiser, fake_score: Denoiser, real_score: nn.Module, cfg: DMD2Config, *args, **kw
+        self,
+        generator: Denoiser,
+        fake_score: Denoiser,
+        real_score: nn.Module,
+        cfg: DMD2Config,
+        *args,
+        regression=None,
+        lpips: nn.Module | None = None,
+        **kw,
     ):
         super().__init__(generator, fake_score, cfg, *args, **kw)
+        check_config(cfg)
         self.real_score = real_score
         self.student_timesteps = list(cfg.student_timesteps)
+        self.regression, self.lpips = regression, lpips
 
     def groups(self) -> list[Group]:
         c = self.cfg
@@ -134,9 +205,22 @@ class DMD2(CriticMethod):
         return self.generator(x, ts[k], cond)
 
     # --- losses -----------------------------------------------------------------------------------------------
+    def regression_loss(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        """L_reg on n teacher ODE pairs: the student's first step from the pair's noise against the teacher's x0."""
+        if self.regression is None:
+            raise RuntimeError(
+                "dmd2.init=regression: the regression phase needs the teacher ODE pairs (prepare)"
+            )
+        pairs = self.regression(n, generator, device)
+        t0 = torch.full((n,), self.student_timesteps[0], device=device)
+        x = self.generator(pairs["noise"], t0, pairs["cond"])
+        return ode_pairs.regression_loss(x, pairs["image"], self.lpips)
+
     def loss(self, group, batch, step, generator):
         cond, real = batch["cond"], batch.get("real")
         n, device, c = len(cond), self.alphas_cumprod.device, self.cfg
+        if group == "generator" and step < c.regression_steps:
+            return {"regression": self.regression_loss(n, generator, device)}
         if group == "generator":
             x = self._student_sample(cond, n, generator, device, real)
             terms = {"dm": self.critic.dmd_loss(x, self.real_score, cond, generator, c.min_step, c.max_step)}
@@ -162,15 +246,53 @@ class DMD2(CriticMethod):
         counts = list(range(1, len(ts) + 1)) if derivable and name == "LCMScheduler" else [len(ts)]
         return Recipe(self.name, len(ts), 0.0, ts, name, kwargs, derivable, "lcm", step_counts=counts)
 
+    # --- the stage before training: the teacher's ODE pairs -----------------------------------------------------
+    @classmethod
+    def prepare(cls, ctx: RunContext) -> RegressionData | None:
+        """``init=regression``: generate what is missing of the teacher ODE pairs (resumable, split over ranks) and
+        load the LPIPS model if one is given (first: a missing file fails before the long stage)."""
+        c = ctx.config
+        check_config(c)
+        if c.init != "regression":
+            return None
+        lpips = ode_pairs.load_lpips(c.lpips_model) if c.lpips_model else None
+        if not ctx.prompts:
+            raise ValueError(
+                "dmd2.init=regression samples the teacher for its pairs and needs prompts: set `prompts=<file>`"
+            )
+        plan = ode_pairs.make_plan(
+            ctx.teacher,
+            ctx.prompts,
+            c.regression_pairs,
+            c.regression_sampler_steps,
+            c.guidance_scale,
+            ctx.resolution,
+            ctx.run.seed,
+            c.pair_shard_size,
+            c.pair_batch_size,
+            c.pair_dtype,
+        )
+        folder = Path(c.pairs or Path(ctx.run.output_dir) / "ode_pairs")
+        pairs = ode_pairs.prepare_pairs(folder, plan, ctx.teacher, ctx.rank, ctx.world_size, ctx.barrier)
+        return RegressionData(pairs, lpips)
+
     # --- construction from a diffusers teacher ----------------------------------------------------------------
     @classmethod
     def build(cls, ctx: RunContext) -> DMD2:
         with_gan = gan_wanted("dmd2", ctx.config.gan, ctx.with_real_data)
-        return cls.from_teacher(ctx.teacher, ctx.config, ctx.latent_shape, with_gan)
+        regression = lpips = None
+        if ctx.prepared is not None:  # training with init=regression (an export rebuilds without the pairs)
+            encode = functools.partial(ctx.teacher.encode, resolution=ctx.resolution)
+            regression = ode_pairs.pair_sampler(ctx.prepared.pairs, encode)
+            if ctx.prepared.lpips is not None:
+                lpips = ode_pairs.LatentLPIPS(ctx.prepared.lpips, ctx.teacher.vae)
+        return cls.from_teacher(ctx.teacher, ctx.config, ctx.latent_shape, with_gan, regression, lpips)
 
     @classmethod
-    def from_teacher(cls, teacher, cfg: DMD2Config, latent_shape, with_gan: bool) -> DMD2:
-        """Build generator / fake score as full UNet copies or LoRA adapters (shared-base: both on the teacher UNet)."""
+    def from_teacher(
+        cls, teacher, cfg: DMD2Config, latent_shape, with_gan: bool, regression=None, lpips=None
+    ) -> DMD2:
+        """Build generator / fake score as full UNet copies or LoRA adapters (``critic.student_and_fake``)."""
         from ..models.heads import unet_discriminator_head
 
         generator, gen_params, fake, fake_params = student_and_fake(
@@ -182,4 +304,5 @@ class DMD2(CriticMethod):
             teacher.unconditional(latent_shape),
         )
         head = unet_discriminator_head(teacher.unet, latent_shape) if with_gan else None
-        return cls(generator, fake, real, cfg, latent_shape, gen_params, fake_params, head)
+        networks = (generator, fake, real, cfg, latent_shape, gen_params, fake_params, head)
+        return cls(*networks, regression=regression, lpips=lpips)

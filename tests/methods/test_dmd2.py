@@ -1,10 +1,12 @@
 """DMD2's pieces against hand-computed cases, and its memory modes on a tiny SDXL teacher."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from fastdiff import schedule
-from fastdiff.config import OptimizerConfig
+from fastdiff.config import OptimizerConfig, load_config
 from fastdiff.methods import losses
 from fastdiff.methods.dmd2 import DMD2, DMD2Config
 from fastdiff.models.denoiser import CFG, Denoiser
@@ -109,12 +111,77 @@ def test_shared_base_keeps_one_unet_in_memory(tiny_teachers):
     assert sizes[True] <= 0.6 * sizes[False]
 
 
-def test_shared_base_requires_lora_for_both_networks(tiny_teachers):
+def test_shared_base_needs_a_lora_network(tiny_teachers):
     from fastdiff.teacher import Teacher
 
     t = Teacher(tiny_teachers["sdxl"])
-    with pytest.raises(ValueError, match="shared_base needs"):
-        DMD2.from_teacher(t, DMD2Config(generator="full", shared_base=True), t.latent_shape(), with_gan=False)
+    full = DMD2Config(generator="full", fake_score="full", shared_base=True)
+    with pytest.raises(ValueError, match="shared_base needs a LoRA network"):
+        DMD2.from_teacher(t, full, t.latent_shape(), with_gan=False)
+
+
+def test_reference_layout_puts_the_generator_lora_on_the_teacher_and_keeps_a_full_fake_score(tiny_teachers):
+    """The reference's 4-step LoRA recipe: LoRA generator, full fake score. With shared_base the generator's adapter
+    sits on the frozen teacher UNet (the real score is that UNet with adapters disabled): two UNets in memory."""
+    from fastdiff.models.lora import unique_parameter_bytes
+    from fastdiff.teacher import Teacher
+
+    t = Teacher(tiny_teachers["sdxl"])
+    x, ts, cond = torch.randn(2, *t.latent_shape()), torch.tensor([10, 900]), t.encode(["a", "b"])
+    with torch.no_grad():
+        teacher_x0 = t.denoiser(adapter="*")(x, ts, cond)
+    cfg = DMD2Config(generator="lora", fake_score="full", shared_base=True, lora_rank=4, lora_alpha=4)
+    method = DMD2.from_teacher(t, cfg, t.latent_shape(), with_gan=False)
+    assert method.generator.unet is t.unet and method.generator.adapter == "student"
+    assert method.fake_score.unet is not t.unet and not getattr(method.fake_score.unet, "peft_config", None)
+    fake_params = method.critic.params()
+    assert set(fake_params) == {
+        n for n, _ in method.fake_score.unet.named_parameters()
+    }  # the whole fake UNet
+    assert all(p.dtype == torch.float32 for p in fake_params.values())
+    assert all("lora" in n for n in method.groups()[0].params)  # the generator trains its adapter only
+    unet_bytes = unique_parameter_bytes(t.unet)
+    assert 1.9 * unet_bytes < unique_parameter_bytes(method) < 2.3 * unet_bytes
+    with torch.no_grad():  # the fake score starts as the teacher, and so does the generator (lora_B = 0)
+        torch.testing.assert_close(method.fake_score(x, ts, cond), teacher_x0)
+        torch.testing.assert_close(method.generator(x, ts, cond), teacher_x0)
+        torch.testing.assert_close(method.real_score.base(x, ts, cond), teacher_x0)
+    # a step of the generator's adapter moves the generator, not the real score or the fake copy
+    with torch.no_grad():
+        for p in method.groups()[0].params.values():
+            p.add_(0.05 * torch.randn_like(p))
+        assert not torch.allclose(method.generator(x, ts, cond), teacher_x0)
+        torch.testing.assert_close(method.real_score.base(x, ts, cond), teacher_x0)
+        torch.testing.assert_close(method.fake_score(x, ts, cond), teacher_x0)
+
+
+RECIPES = Path(__file__).resolve().parents[2] / "assets/configs"
+
+
+def test_sdxl_one_step_recipe_starts_from_a_regression_on_teacher_ode_pairs():
+    cfg = load_config(RECIPES / "sdxl_dmd2_1step.yaml", ["teacher=/models/sdxl"]).section
+    assert cfg.init == "regression" and cfg.regression_pairs == 10_000 and cfg.student_timesteps == [399]
+    assert (
+        cfg.regression_steps == 2000 * cfg.dfake_gen_update_ratio
+    )  # the reference's 2,000 regression updates
+
+
+def test_four_step_recipe_names_its_layout_and_offers_the_other():
+    text = (RECIPES / "sdxl_dmd2_4step.yaml").read_text()
+    cfg = load_config(RECIPES / "sdxl_dmd2_4step.yaml", ["teacher=/models/sdxl"]).section
+    assert cfg.generator == "lora" and cfg.shared_base
+    other = "lora" if cfg.fake_score == "full" else "full"
+    assert f"dmd2.fake_score={other}" in text  # the override that switches to the other layout
+
+
+@pytest.mark.parametrize("name", ["sdxl_dmd2_1step", "sdxl_dmd2_4step", "sd15_dmd2_1step"])
+def test_dmd2_recipes_say_how_they_differ_from_the_reference(name):
+    """A recipe that differs from tianweiy/DMD2 says so (batch, GPUs, steps) instead of calling itself the reference."""
+    lines = (RECIPES / f"{name}.yaml").read_text().splitlines()
+    comments = [line for line in lines if line.startswith("#")]
+    assert not any("reference defaults" in line for line in comments)
+    differs = [line for line in comments if "Differs from the reference" in line]
+    assert differs and all(word in "\n".join(comments) for word in ("batch", "GPU", "iterations"))
 
 
 def test_gan_features_stop_the_unet_after_its_mid_block(tiny_teachers):
@@ -163,3 +230,19 @@ def test_lr_schedule_reaches_the_groups_and_bad_values_name_the_key():
         ValueError, match=r"dmd2\.optim\.lr_schedule must be constant or cosine, got 'linear'"
     ):
         DMD2(gen, gen, gen, cfg, (3,), {"w": gen.w}, {}).groups()
+
+
+def test_the_gmm_bench_lora_fake_score_trains_only_an_adapter_on_every_linear_layer():
+    from fastdiff.eval.bench_gmm import lora_on_mlp
+    from fastdiff.models.gmm import MLPDenoiser
+
+    net = MLPDenoiser(scaled_linear_alphas_cumprod(), dim=2, num_classes=4, hidden=32, depth=3)
+    x, t, c = torch.randn(5, 2), torch.randint(0, 1000, (5,)), torch.randint(0, 4, (5,))
+    with torch.no_grad():
+        before = net(x, t, c)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in net.modules())
+    params = lora_on_mlp(net, 4, 1.0)
+    assert len(params) == 2 * linears and all(p.requires_grad for p in params.values())
+    assert not any(p.requires_grad for n, p in net.named_parameters() if n not in params)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, c), before)  # lora_B = 0: the pretrained fake score at first

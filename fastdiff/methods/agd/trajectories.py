@@ -11,37 +11,54 @@ Folder layout::
 
 Prompts are stored by reference (indices into the manifest's lists); training re-encodes them (cached). Every
 trajectory belongs to exactly one shard, and each shard is a pure function of (plan, shard index): its randomness
-comes from a generator seeded by (seed, shard). Generation is resumable: a shard that opens, matches the plan and
-its checksum is skipped; a missing, truncated or corrupt one is (re)generated, written to a temporary file and
-renamed, so an interruption never leaves a half-written shard under its final name. Ranks split the shards.
+comes from a generator seeded by (seed, shard). Generation is resumable, atomic and split over ranks
+(``fastdiff.methods.shards``, shared with the other teacher-sampling stages).
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
-import logging
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-logger = logging.getLogger("fastdiff")
-MANIFEST = "manifest.json"
+from .. import shards
+from ..shards import DTYPES, ShardError, ShardReader, ShardSpec, fingerprint, shard_name
+
+__all__ = [
+    "TrajectoryError",
+    "TrajectoryStore",
+    "fingerprint",
+    "generate_trajectories",
+    "make_plan",
+    "shard_name",
+]
+
 VERSION = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KEYS = ("x_t", "target", "t", "w", "prompt_index", "negative_index", "trajectory_index")
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(ShardError):
     """A trajectory folder that does not fit the run: another plan, a missing or unreadable shard."""
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
+def _record_shapes(plan: dict, n: int) -> dict[str, tuple[int, ...]]:
+    shape = (n, len(plan["timesteps"]), *plan["latent_shape"])
+    return {"x_t": shape, "target": shape}
+
+
+SPEC = ShardSpec(
+    kind="agd-trajectories",
+    what="trajectories",
+    keys=KEYS,
+    index_key="trajectory_index",
+    count_key="num_trajectories",
+    shapes=_record_shapes,
+    folder_key="agd.trajectories",
+    command="fastdiff agd-trajectories",
+    error=TrajectoryError,
+)
 
 
 def make_plan(
@@ -71,17 +88,13 @@ def make_plan(
     n = cfg.num_trajectories or len(prompts)
     return {
         "version": VERSION,
-        "teacher": str(Path(teacher.path).resolve()),
-        "family": teacher.family,
-        "prediction_type": teacher.prediction_type,
-        "resolution": resolution,
-        "latent_shape": list(teacher.latent_shape(resolution)),
+        **shards.teacher_fields(teacher, resolution),
         "prompts": list(prompts),
         "negative_prompts": None if negative_prompts is None else list(negative_prompts),
         "negative_prompt_prob": cfg.negative_prompt_prob,
         "num_trajectories": n,
         "shard_size": cfg.shard_size,
-        "num_shards": -(-n // cfg.shard_size),
+        "num_shards": shards.num_shards(n, cfg.shard_size),
         "num_inference_steps": cfg.num_inference_steps,
         "scheduler": {"class": type(scheduler).__name__, "config": _scheduler_config(scheduler)},
         "timesteps": scheduler.timesteps.float().tolist(),  # one record per UNet evaluation (PNDM: steps + 1)
@@ -100,29 +113,10 @@ def _scheduler_config(scheduler) -> dict:
     return json.loads(json.dumps(config, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
-def fingerprint(plan: dict) -> str:
-    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].contiguous()
-        h.update(key.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _shard_range(plan: dict, k: int) -> tuple[int, int]:
-    size = plan["shard_size"]
-    return k * size, min((k + 1) * size, plan["num_trajectories"])
-
-
 # --- generation ------------------------------------------------------------------------------------------------
 def _draws(plan: dict, k: int, device) -> dict:
     """The random choices of shard k (w, negative prompts, noise), from a generator seeded by (seed, k)."""
-    start, end = _shard_range(plan, k)
+    start, end = shards.shard_range(plan, SPEC, k)
     n = end - start
     g = torch.Generator().manual_seed(plan["seed"] * 1_000_003 + k)
     w = plan["w_min"] + (plan["w_max"] - plan["w_min"]) * torch.rand(n, generator=g, dtype=torch.float64)
@@ -196,181 +190,27 @@ def make_shard(plan: dict, k: int, teacher) -> dict[str, torch.Tensor]:
     }
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor], plan: dict, k: int) -> None:
-    """Write atomically: a temporary file renamed into place."""
-    tensors = {key: v.contiguous() for key, v in tensors.items()}
-    meta = {"fastdiff": "agd-trajectories", "fingerprint": fingerprint(plan), "shard": str(k)}
-    meta["sha256"] = _digest(tensors)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-
-
-def check_shard(path: Path, plan: dict, k: int, verify: bool = True) -> str | None:
-    """Why shard k at ``path`` is unusable (missing, truncated, another plan, wrong contents), or None if good.
-
-    ``verify`` also recomputes the checksum of the tensor bytes (reads the whole shard)."""
-    if not path.is_file():
-        return "missing"
-    start, end = _shard_range(plan, k)
-    n, steps = end - start, len(plan["timesteps"])
-    shape = (n, steps, *plan["latent_shape"])
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("fingerprint") != fingerprint(plan) or meta.get("shard") != str(k):
-                return "written for another plan or shard"
-            if sorted(f.keys()) != sorted(KEYS):
-                return f"keys {sorted(f.keys())}"
-            for key in ("x_t", "target"):
-                if tuple(f.get_slice(key).get_shape()) != shape:
-                    return f"{key} has shape {f.get_slice(key).get_shape()}, expected {list(shape)}"
-            if not verify:
-                return None
-            tensors = {key: f.get_tensor(key) for key in KEYS}
-    except Exception as e:  # truncated or not a safetensors file
-        return f"unreadable ({type(e).__name__}: {e})"
-    if _digest(tensors) != meta.get("sha256"):
-        return "checksum mismatch (corrupt)"
-    if tensors["trajectory_index"].tolist() != list(range(start, end)):
-        return "holds other trajectories"
-    return None
-
-
-def _read_manifest(folder: Path) -> dict | None:
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrajectoryError(
-            f"{path} is not valid JSON ({e}): delete it to start the folder afresh"
-        ) from None
-
-
-def _write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / MANIFEST)
-
-
-def _check_same_plan(folder: Path, manifest: dict, plan: dict) -> None:
-    if manifest.get("fingerprint") == fingerprint(plan):
-        return
-    old = manifest.get("plan", {})
-    diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-    raise TrajectoryError(
-        f"{folder} holds trajectories of another plan (differs in: {', '.join(diff) or 'version'}); "
-        "set agd.trajectories to a new folder or delete this one"
-    )
-
-
-def generate_trajectories(
-    folder: str | Path,
-    plan: dict,
-    teacher,
-    rank: int = 0,
-    world_size: int = 1,
-    barrier: Callable[[], None] = lambda: None,
-    max_shards: int | None = None,
-) -> dict:
-    """Generate every missing or broken shard of ``plan`` into ``folder`` (ranks split the shards).
-
-    Args:
-        folder: the trajectory folder (created).
-        plan: from ``make_plan``.
-        teacher: the loaded Teacher (its bare UNet with CFG).
-        rank / world_size / barrier: several processes share the work: rank r makes shards k = r mod world_size;
-            ``barrier`` waits for all of them (e.g. ``accelerator.wait_for_everyone``).
-        max_shards: stop after generating this many shards (this rank); for tests of interrupted runs.
-
-    Returns:
-        {"generated": [shard indices made here], "skipped": [...already good], "complete": bool}.
-    """
-    folder = Path(folder)
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = _read_manifest(folder)
-        if manifest is not None:
-            _check_same_plan(folder, manifest, plan)
-        else:
-            _write_manifest(folder, {"fingerprint": fingerprint(plan), "complete": False, "plan": plan})
-        for tmp in folder.glob("*.tmp"):  # left over by an interrupted write
-            tmp.unlink()
-    barrier()
-    if rank != 0:
-        _check_same_plan(folder, _read_manifest(folder) or {}, plan)
-    generated, skipped = [], []
-    for k in range(rank, plan["num_shards"], world_size):
-        path = folder / shard_name(k)
-        reason = check_shard(path, plan, k)
-        if reason is None:
-            skipped.append(k)
-            continue
-        if max_shards is not None and len(generated) >= max_shards:
-            break
-        if reason != "missing":
-            logger.warning("trajectory shard %s is %s: generating it again", path.name, reason)
-        write_shard(path, make_shard(plan, k, teacher), plan, k)
-        generated.append(k)
-        logger.info("trajectory shard %d/%d written", k + 1, plan["num_shards"])
-    barrier()
-    complete = False
-    if rank == 0:
-        missing = [
-            k for k in range(plan["num_shards"]) if check_shard(folder / shard_name(k), plan, k, False)
-        ]
-        complete = not missing
-        shards = [
-            {"file": shard_name(k), "trajectories": list(_shard_range(plan, k))}
-            for k in range(plan["num_shards"])
-        ]
-        _write_manifest(
-            folder, {"fingerprint": fingerprint(plan), "complete": complete, "plan": plan, "shards": shards}
-        )
-    barrier()
-    return {"generated": generated, "skipped": skipped, "complete": complete or _complete(folder)}
-
-
-def _complete(folder: Path) -> bool:
-    manifest = _read_manifest(folder)
-    return bool(manifest and manifest.get("complete"))
+def generate_trajectories(folder: str | Path, plan: dict, teacher, **kw) -> dict:
+    """Generate every missing or broken shard of ``plan`` (from ``make_plan``) into ``folder`` with the teacher's
+    bare UNet and CFG; keywords ``rank``, ``world_size``, ``barrier``, ``max_shards`` and the report as
+    ``fastdiff.methods.shards.generate``."""
+    return shards.generate(folder, plan, SPEC, functools.partial(make_shard, plan, teacher=teacher), **kw)
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
-class TrajectoryStore:
+class TrajectoryStore(ShardReader):
     """Read access to a complete trajectory folder: records (one per trajectory and step) by global index.
 
-    Record r is step r mod S of trajectory r div S (trajectories in shard order). Shards are read lazily, one
-    record at a time (``safe_open`` slices), so the folder may be far larger than memory.
+    Record r is step r mod S of trajectory r div S (trajectories in shard order), read one at a time.
     """
 
     def __str__(self) -> str:
         return f"{self.folder}: {self.plan['num_trajectories']} trajectories, {self.num_records} records"
 
     def __init__(self, folder: str | Path, plan: dict | None = None):
-        self.folder = Path(folder)
-        manifest = _read_manifest(self.folder)
-        if manifest is None:
-            raise TrajectoryError(f"{self.folder} has no {MANIFEST}: generate trajectories first")
-        if plan is not None:
-            _check_same_plan(self.folder, manifest, plan)
-        if not manifest.get("complete"):
-            raise TrajectoryError(
-                f"{self.folder} is incomplete: run `fastdiff agd-trajectories` again to finish it"
-            )
-        self.plan = manifest["plan"]
-        for k in range(self.plan["num_shards"]):
-            reason = check_shard(self.folder / shard_name(k), self.plan, k, verify=False)
-            if reason is not None:
-                raise TrajectoryError(
-                    f"{self.folder / shard_name(k)} is {reason}: run agd-trajectories again"
-                )
+        super().__init__(folder, SPEC, plan)
         self.steps = len(self.plan["timesteps"])  # records per trajectory
-        self.num_records = self.plan["num_trajectories"] * self.steps
-        self._files: dict[int, object] = {}
-        self._small: dict[int, dict[str, torch.Tensor]] = {}
+        self.num_records = self.num_items * self.steps
 
     @property
     def prompts(self) -> list[str]:
@@ -380,25 +220,17 @@ class TrajectoryStore:
     def negative_prompts(self) -> list[str]:
         return negative_texts(self.plan)
 
-    def _shard(self, k: int):
-        if k not in self._files:
-            f = safe_open(str(self.folder / shard_name(k)), framework="pt")
-            self._files[k] = f
-            self._small[k] = {key: f.get_tensor(key) for key in KEYS if key not in ("x_t", "target")}
-        return self._files[k], self._small[k]
-
     def records(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """x_t, target (float32), t, w (float32), prompt_index, negative_index of the given records."""
         out: dict[str, list] = {
             key: [] for key in ("x_t", "target", "t", "w", "prompt_index", "negative_index")
         }
-        size = self.plan["shard_size"]
         for r in indices:
             if not 0 <= r < self.num_records:
                 raise IndexError(f"record {r} out of range [0, {self.num_records})")
             traj, step = divmod(r, self.steps)
-            k, i = divmod(traj, size)
-            f, small = self._shard(k)
+            k, i = self.locate(traj)
+            f, small = self.shard(k)
             out["x_t"].append(f.get_slice("x_t")[i : i + 1, step : step + 1])
             out["target"].append(f.get_slice("target")[i : i + 1, step : step + 1])
             out["t"].append(small["t"][step])
@@ -427,15 +259,8 @@ def prepare(cfg, teacher, resolution: int, rank: int = 0, world_size: int = 1, b
     negatives = load_prompts(cfg.section.negative_prompts) if cfg.section.negative_prompts else None
     plan = make_plan(cfg.section, teacher, prompts, negatives, resolution, cfg.seed)
     folder = trajectory_folder(cfg)
-    report = generate_trajectories(folder, plan, teacher, rank, world_size, barrier)
-    logger.info(
-        "AGD trajectories in %s: %d shards generated, %d already done",
-        folder,
-        len(report["generated"]),
-        len(report["skipped"]),
-    )
-    if not report["complete"]:
-        raise TrajectoryError(f"{folder} is incomplete after generation")
+    make = functools.partial(make_shard, plan, teacher=teacher)
+    shards.generate_all(folder, plan, SPEC, make, rank=rank, world_size=world_size, barrier=barrier)
     return TrajectoryStore(folder, plan)
 
 
