@@ -23,12 +23,12 @@ def _export(args) -> None:
 def _generate(args) -> None:
     import torch
 
-    from .recipe import Recipe, apply_scheduler, load_pipeline, read_recipe
+    from .recipe import Recipe, apply_scheduler, load_step_pipeline, read_recipe
 
     folder = Path(args.export_dir)
-    recipe = Recipe.from_json(read_recipe(folder))
-    step = recipe.for_steps(args.steps)  # the export's rule for which step counts it samples at
-    pipe = load_pipeline(folder / "pipeline", use_safetensors=True)
+    data = read_recipe(folder)
+    step = Recipe.from_json(data).for_steps(args.steps)  # the export's rule for the step counts it runs at
+    pipe = load_step_pipeline(folder, step, data, use_safetensors=True)  # pipeline/, or teacher + step's LoRA
     apply_scheduler(pipe, step)
     kwargs = step.call_kwargs()
     if args.guidance_scale is not None:

@@ -1,9 +1,10 @@
 """Exports: a diffusers pipeline folder, LoRA weights (diffusers/PEFT + kohya), fastdiff.json and a model card.
 
 Method-agnostic: the method declares what is exported (``exported_student``: a whole UNet or a LoRA adapter on the
-teacher's UNet; or ``export_pipeline``, a pipeline of its own) and how it samples (``recipe``, see
-``fastdiff.recipe``). The saved scheduler derives the trained timesteps from ``num_inference_steps`` alone, so
-``pipe(prompt, **fastdiff.json's call)`` is the whole recipe.
+teacher's UNet, with more weights of that adapter as LoRA variants; or ``export_pipeline``, a pipeline of its own)
+and how it samples (``recipe``, see ``fastdiff.recipe``). The saved scheduler derives the trained timesteps from
+``num_inference_steps`` alone, so ``pipe(prompt, **fastdiff.json's call)`` is the whole recipe; a step count whose
+recipe names a LoRA variant runs the teacher with ``lora/<variant>/`` fused in.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .recipe import RECIPE_FILE, Recipe, apply_scheduler, load_pipeline, make_scheduler
+from .recipe import RECIPE_FILE, Recipe, apply_scheduler, load_pipeline, load_step_pipeline, make_scheduler
 
 logger = logging.getLogger("fastdiff")
 
@@ -44,7 +46,8 @@ def export(
     prompts=None,
     train_seconds=None,
 ) -> Path:
-    """Write ``pipeline/``, ``lora/`` (when the student is a LoRA), ``fastdiff.json`` and ``README.md``.
+    """Write ``pipeline/``, ``lora/`` (when the student is a LoRA; its variants in ``lora/<name>/``),
+    ``fastdiff.json`` and ``README.md``.
 
     Args:
         method: the trained method (its ``exported_student`` / ``export_pipeline`` and ``recipe``).
@@ -65,13 +68,16 @@ def export(
     teacher.to_float32()
     recipe: Recipe = method.recipe(dict(teacher.pipeline.scheduler.config))
     pipe = method.export_pipeline(teacher)
-    lora = None
+    lora, student = None, None
     if pipe is None:  # the standard pipeline of the teacher's class with the student's weights
         student = method.exported_student()
         pipe = DiffusionPipeline.from_pretrained(teacher.path, dtype=torch.float32, use_safetensors=True)
         if student.adapter is not None:
             shutil.rmtree(out / "lora", ignore_errors=True)
             save_lora(out / "lora", student.unet, student.adapter, type(pipe))
+            for name in student.variants:
+                with _variant_weights(student, name):
+                    save_lora(out / "lora" / name, student.unet, student.adapter, type(pipe))
             pipe.load_lora_weights(
                 out / "lora"
             )  # the merge goes through diffusers' own loader: the file is proven
@@ -112,7 +118,7 @@ def export(
         "train_seconds": train_seconds,
         "config": config,
     }
-    data["check"] = _self_check(method, teacher, pipe, recipe)
+    data["check"] = _self_check(method, teacher, pipe, recipe, out, student, lora_scale)
     (out / RECIPE_FILE).write_text(json.dumps(data, indent=2))
     grid = _sample_grid(pipe, recipe, out, prompts or ["a photo of a cat"]).relative_to(out).as_posix()
     (out / "README.md").write_text(method.model_card(data, grid) or model_card(data, grid))
@@ -137,18 +143,53 @@ def _run(pipe, step, prompt: str, seed: int, **kwargs):
         pipe.scheduler = base
 
 
+@contextmanager
+def _variant_weights(student, name: str):
+    """Run a block with the student adapter holding the weights of its variant ``name``, then restore them."""
+    weights = student.variants[name]
+    params = dict(student.unet.named_parameters(remove_duplicate=False))
+    missing = sorted(set(weights) - set(params))
+    if missing:
+        raise KeyError(f"LoRA variant {name!r} names parameters the student does not have: {missing[:3]}")
+    current = {n: params[n].detach().clone() for n in weights}
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in current.items():
+                params[n].copy_(w)
+
+
 @torch.no_grad()
-def _self_check(method, teacher, pipe, recipe: Recipe) -> dict:
+def _self_check(method, teacher, pipe, recipe: Recipe, out: Path, student, lora_scale: float) -> dict:
     """Run the exported pipeline and fastdiff's own sampler on the same noise, at the default call and at every
-    step count the export declares; record the largest difference."""
+    step count the export declares; record the largest difference.
+
+    A step count with a LoRA variant runs as its consumers do (the teacher with ``lora/<variant>`` fused in)
+    against the sampler with the variant's weights in the student; a step recipe's ``eta`` reaches the method's
+    ``generate`` as ``eta``."""
     prompt = "a photo of a cat"
     checks = {None: recipe.for_steps()} | {k: recipe.for_steps(k) for k in recipe.allowed_steps() or []}
+    variants = student.variants if student is not None and student.adapter is not None else {}
+    source = {"teacher": teacher.path, "lora_scale": lora_scale}
+    pipes = {None: pipe}
     diffs = {}
     for k, step in checks.items():
-        latents = _run(pipe, step, prompt, 0, output_type="latent")
+        name = Path(step.lora).relative_to("lora").as_posix() if step.lora else None
+        if name is not None and name not in variants:
+            raise ValueError(f"the {k}-step recipe names {step.lora}, not a LoRA variant of the student")
+        if step.lora not in pipes:
+            pipes[step.lora] = load_step_pipeline(out, step, source, use_safetensors=True)
+            pipes[step.lora].set_progress_bar_config(disable=True)
+        latents = _run(pipes[step.lora], step, prompt, 0, output_type="latent")
         gen = torch.Generator().manual_seed(0)
         noise = torch.randn((1, *latents.shape[1:]), generator=gen).to(teacher.device)
-        ours = method.generate(noise, teacher.encode([prompt]), timesteps=k, generator=gen)
+        kwargs = {"eta": step.eta} if step.eta else {}
+        with _variant_weights(student, name) if name else nullcontext():
+            ours = method.generate(noise, teacher.encode([prompt]), timesteps=k, generator=gen, **kwargs)
         diffs[k] = float((ours.float().cpu() - latents.float().cpu()).abs().max())
         if diffs[k] > 1e-3:
             logger.warning(
@@ -189,6 +230,32 @@ pipe.load_lora_weights("lora")  # or weight_name="kohya_lora.safetensors" (kohya
 pipe.fuse_lora(lora_scale={recipe["lora_scale"]})
 pipe.scheduler = {recipe["scheduler"]}.from_pretrained("pipeline", subfolder="scheduler")
 image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0.0{ts}).images[0]
+```
+"""
+    per_step = {k: r for k, r in (recipe.get("recipes") or {}).items() if r.get("lora")}
+    if per_step:
+        rows = "\n".join(
+            f"| {k} | `{r['lora']}` | {r['scheduler']} {r['scheduler_kwargs']} |" for k, r in per_step.items()
+        )
+        k, r = next(iter(per_step.items()))
+        lora += f"""
+## A LoRA per step count
+
+These step counts have a LoRA of their own, fused into the teacher in place of `lora/` (`fastdiff generate
+--steps N` picks it; `fastdiff.json`'s `recipes` lists every count):
+
+| steps | LoRA | scheduler (on the teacher's scheduler config) |
+|---|---|---|
+{rows}
+
+```python
+from diffusers import {cls}, {r["scheduler"]}
+
+pipe = {cls}.from_pretrained("{recipe["teacher"]}")
+pipe.load_lora_weights("{r["lora"]}")
+pipe.fuse_lora(lora_scale={recipe["lora_scale"]})
+pipe.scheduler = {r["scheduler"]}.from_config(pipe.scheduler.config, **{r["scheduler_kwargs"]})
+image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=0.0).images[0]
 ```
 """
     note = ""

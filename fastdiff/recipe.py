@@ -85,8 +85,10 @@ def derive_scheduler(scheduler_config: dict, timesteps: list[int], sampler: str 
 @dataclass
 class StepRecipe:
     """How to sample at one step count. ``scheduler`` None: the export pipeline's saved scheduler; ``timesteps``
-    only when no scheduler config derives them; ``lora``: a LoRA folder (relative to the export) applied to the
-    teacher for this step count, None for the exported ``pipeline/`` as it is."""
+    only when no scheduler config derives them; ``eta``: the scheduler's stochasticity (TCD's γ), passed to the
+    pipeline call and, in the export's self-check, to the method's ``generate``; ``lora``: a LoRA folder (relative
+    to the export) fused into the teacher named by fastdiff.json's ``teacher`` for this step count, None for the
+    exported ``pipeline/`` as it is (``load_step_pipeline`` loads either)."""
 
     num_inference_steps: int
     guidance_scale: float = 0.0
@@ -207,6 +209,54 @@ def read_recipe(folder: str | Path) -> dict:
 
 def load_recipe(folder: str | Path) -> Recipe:
     return Recipe.from_json(read_recipe(folder))
+
+
+def teacher_folder(name: str | Path) -> Path:
+    """The teacher folder fastdiff.json names: an absolute path, a path relative to the working directory, or (as
+    the bundled recipes write it, e.g. ``assets/teachers/digits-sdxl``) one inside fastdiff's own assets."""
+    from .paths import ASSETS
+
+    path = Path(name)
+    candidates = [path, ASSETS.parent / path]
+    if path.parts and path.parts[0] == "assets":
+        candidates.append(ASSETS.joinpath(*path.parts[1:]))
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"the teacher {str(name)!r} named by {RECIPE_FILE} is not a folder here")
+
+
+def step_sources(folder: str | Path, step: StepRecipe, data: dict | None = None) -> tuple[Path, Path | None]:
+    """(pipeline folder, LoRA folder or None) that serve ``step`` of the export ``folder``: its ``pipeline/``, or
+    the teacher named by ``data`` (default: the export's fastdiff.json) and the step's LoRA, inside the export."""
+    folder = Path(folder)
+    if step.lora is None:
+        return folder / "pipeline", None
+    lora = folder / step.lora
+    if not lora.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder}: {RECIPE_FILE} points a LoRA outside the export ({step.lora})")
+    data = read_recipe(folder) if data is None else data
+    return teacher_folder(data["teacher"]), lora
+
+
+def load_lora_pipeline(pipeline_folder: str | Path, lora: str | Path, lora_scale: float = 1.0, **kwargs):
+    """A pipeline folder with a LoRA folder fused in at ``lora_scale`` through diffusers' own loader (as export
+    writes ``pipeline/``)."""
+    pipe = load_pipeline(pipeline_folder, **kwargs)
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora(lora_scale=lora_scale)
+    pipe.unload_lora_weights()
+    return pipe
+
+
+def load_step_pipeline(folder: str | Path, step: StepRecipe, data: dict | None = None, **kwargs):
+    """The pipeline that serves ``step`` of the export ``folder``: its ``pipeline/`` as it is, or the teacher with
+    the step's LoRA fused at fastdiff.json's ``lora_scale``. Its scheduler is as loaded (``apply_scheduler``)."""
+    data = read_recipe(folder) if data is None and step.lora is not None else data
+    pipeline, lora = step_sources(folder, step, data)
+    if lora is None:
+        return load_pipeline(pipeline, **kwargs)
+    return load_lora_pipeline(pipeline, lora, data.get("lora_scale") or 1.0, **kwargs)
 
 
 def apply_scheduler(pipe, step: StepRecipe) -> None:

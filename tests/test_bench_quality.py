@@ -106,3 +106,41 @@ def test_cli_rows_per_guidance_scale(tiny_teachers, tmp_path):
         ("teacher-1-w1.5", 1.5),
         ("teacher-1-w2", 2.0),
     ]
+
+
+def test_a_step_count_with_its_own_lora_runs_it_on_the_teacher(tiny_teachers, tmp_path):
+    """A per-step recipe naming a LoRA (TSCD's lora/<k>step): the row loads the teacher fastdiff.json names with
+    that LoRA fused at the export's lora_scale (also under AGD's adapters); other counts use pipeline/."""
+    from fastdiff.recipe import Recipe, StepRecipe
+
+    ddim = {"timestep_spacing": "trailing"}
+    tscd = Recipe("tscd", 1, 0.0, [999], "DDIMScheduler", ddim, sampler="ddim", step_counts=[1, 2])
+    tscd.recipes = {
+        1: StepRecipe(1, 0.0, "TCDScheduler", {"original_inference_steps": 40}, eta=1.0),
+        2: StepRecipe(2, 0.0, "DDIMScheduler", ddim, lora="lora/2step"),
+    }
+    extra = {
+        "lora": "lora/pytorch_lora_weights.safetensors",
+        "lora_scale": 0.8,
+        "teacher": tiny_teachers["sdxl"],
+    }
+    folder = _recipe(tmp_path / "tscd", tscd, **extra)
+    two = bench_quality.export_system(folder, steps=2)
+    assert (two.pipeline, two.lora, two.lora_scale) == (
+        tiny_teachers["sdxl"],
+        str(tmp_path / "tscd/lora/2step"),
+        0.8,
+    )
+    assert two.scheduler == {"class": "DDIMScheduler", **ddim}
+    one = bench_quality.export_system(folder, steps=1)
+    assert (one.pipeline, one.lora, one.extra) == (str(tmp_path / "tscd/pipeline"), None, {"eta": 1.0})
+    agd_recipe = Recipe(
+        "agd", 25, 2.0, list(range(961, 0, -40)), "EulerDiscreteScheduler", sampler="scheduler"
+    )
+    agd_recipe.extra = {"nfe_per_step": 1}
+    agd = _recipe(tmp_path / "agd", agd_recipe)
+    assert bench_quality.stacked_system(agd, folder, steps=2, guidance_scale=1.5).lora == two.lora
+    tscd.recipes[2].lora = "../elsewhere"
+    outside = _recipe(tmp_path / "outside", tscd, **extra)
+    with pytest.raises(ValueError, match="outside the export"):
+        bench_quality.export_system(outside, steps=2)

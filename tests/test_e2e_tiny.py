@@ -239,6 +239,11 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
                 ["dataset=builtin:digits"] if "tscd" in recipe.read_text() else []
             ),  # TSCD trains on real images
             *(["agd.num_trajectories=2", "agd.num_inference_steps=3"] if "agd" in recipe.name else []),
+            *(
+                ["dmd2.regression_pairs=2", "dmd2.regression_sampler_steps=2"]
+                if "init: regression" in recipe.read_text()
+                else []
+            ),
             f"output_dir={tmp_path}",
             "train_batch_size=1",
             "checkpointing_steps=3",
@@ -279,7 +284,17 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
 def test_tscd_lora_runs_at_1_2_4_8_steps_with_the_recorded_schedulers(
     tiny_teachers, tmp_path, monkeypatch, one_thread
 ):
+    """Each k-segment stage's LoRA (lora/<k>step) at its own k with DDIM trailing, the unified LoRA (lora/) with TCD
+    at 1 step: in plain diffusers each reproduces fastdiff's sampler with that stage's weights, and `fastdiff
+    generate` and `bench quality` run the k-step LoRA."""
+    from contextlib import nullcontext
+
+    import numpy as np
     from diffusers import DDIMScheduler, DiffusionPipeline, TCDScheduler
+    from PIL import Image
+
+    from fastdiff.cli import main
+    from fastdiff.eval import bench_quality
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"
@@ -297,41 +312,53 @@ def test_tscd_lora_runs_at_1_2_4_8_steps_with_the_recorded_schedulers(
     )
     train(cfg)
     recipe = json.loads((out / "fastdiff.json").read_text())
-    assert recipe["sampler"] == "ddim" and set(recipe["recipes"]) == {"1", "2", "4", "8"}
-    assert recipe["step_counts"] == [1, 2, 4, 8]  # its trained count (1) and Hyper-SD's 1, 2, 4, 8
+    assert recipe["sampler"] == "ddim" and recipe["step_counts"] == [1, 2, 4, 8]
+    by_k = {k: (r["scheduler"], r["lora"]) for k, r in recipe["recipes"].items()}
+    assert by_k == {
+        "1": ("TCDScheduler", None),  # the unified LoRA, fused in pipeline/
+        "2": ("DDIMScheduler", "lora/2step"),
+        "4": ("DDIMScheduler", "lora/4step"),
+        "8": ("DDIMScheduler", "lora/8step"),
+    }
+    for k in (2, 4, 8):
+        assert {"pytorch_lora_weights.safetensors", "kohya_lora.safetensors"} <= {
+            f.name for f in (out / f"lora/{k}step").iterdir()
+        }
     by_steps = recipe["check"]["max_abs_diff_latents_by_steps"]  # the export's self-check covers each recipe
-    assert set(by_steps) == {"1", "2", "4", "8"}
-    assert all(
-        d < (0.05 if recipe["recipes"][k]["scheduler"] == "TCDScheduler" else 1e-3)
-        for k, d in by_steps.items()
-    )
+    assert set(by_steps) == {"1", "2", "4", "8"} and all(d < 1e-3 for d in by_steps.values()), by_steps
     method, teacher, _ = load_checkpoint_method(out / "checkpoints/checkpoint-4")
-    pipe = DiffusionPipeline.from_pretrained(tiny_teachers["sdxl"])
-    pipe.load_lora_weights(out / "lora")
+    # the kept stage weights are method state (load_checkpoint_method reads the trainable weights)
+    method.load_extra_state(load_file(str(out / "checkpoints/checkpoint-4/method_state.safetensors")))
+    assert sorted(method.stage_weights) == [2, 4, 8]
     cond = teacher.encode([PROMPT])
+    images = {}
     for steps, r in recipe["recipes"].items():
+        pipe = DiffusionPipeline.from_pretrained(tiny_teachers["sdxl"])
+        pipe.load_lora_weights(out / (r["lora"] or "lora"))
+        pipe.fuse_lora(lora_scale=recipe["lora_scale"])
         cls = {"DDIMScheduler": DDIMScheduler, "TCDScheduler": TCDScheduler}[r["scheduler"]]
-        extra = r["scheduler_kwargs"]  # e.g. {"timestep_spacing": "trailing"} for DDIM
-        assert r["num_inference_steps"] == int(steps) and r["lora"] is None
-        pipe.scheduler = cls.from_config(
-            pipe.scheduler.config, set_alpha_to_one=True, clip_sample=False, **extra
-        )
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **r["scheduler_kwargs"])
         kw = {"eta": r["eta"]} if "eta" in r else {}
-        latents = pipe(
-            PROMPT,
-            num_inference_steps=int(steps),
-            guidance_scale=0.0,
-            output_type="latent",
-            generator=torch.Generator().manual_seed(0),
-            **kw,
-        ).images
-        noise = torch.randn((1, *teacher.latent_shape()), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            ours = method.generate(noise, cond, timesteps=int(steps))
-        # TCD's last step lands on t=0 (alpha-bar 0.99915), not on the clean sample: a ~3% blend with the noise
-        # estimate; DDIM with set_alpha_to_one ends on the x0 prediction exactly as fastdiff's sampler does
-        atol = 0.05 if r["scheduler"] == "TCDScheduler" else 1e-4
-        torch.testing.assert_close(latents, ours, atol=atol, rtol=0, msg=lambda m, s=steps: f"{s} steps: {m}")
+        call = dict(num_inference_steps=int(steps), guidance_scale=0.0, **kw)
+        gen = torch.Generator().manual_seed(0)
+        latents = pipe(PROMPT, **call, output_type="latent", generator=gen).images
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn((1, *teacher.latent_shape()), generator=gen)
+        with method.use_stage_weights(int(steps)) if r["lora"] else nullcontext():
+            ours = method.generate(noise, cond, timesteps=int(steps), generator=gen, **kw)
+        torch.testing.assert_close(latents, ours, atol=1e-4, rtol=0, msg=lambda m, s=steps: f"{s} steps: {m}")
+        images[steps] = pipe(PROMPT, **call, generator=torch.Generator().manual_seed(0)).images[0]
+    pixels = {}
+    for steps in ("1", "2"):
+        path = tmp_path / f"generate-{steps}.png"
+        main(["generate", str(out), PROMPT, "--steps", steps, "--out", str(path)])
+        pixels[steps] = np.asarray(Image.open(path)).astype(int)
+        assert np.abs(pixels[steps] - np.asarray(images[steps]).astype(int)).max() <= 1, steps
+    system = bench_quality.export_system(str(out), steps=2)
+    assert system.lora == str(out / "lora/2step") and system.pipeline == tiny_teachers["sdxl"]
+    assert bench_quality.export_system(str(out), steps=1).pipeline == str(out / "pipeline")
+    sampled, _, _ = bench_quality.sample(system, 2, batch=2)
+    assert sampled.shape[0] == 2 and torch.isfinite(sampled).all()
 
 
 def test_sid_few_step_launch_and_export_run_at_every_k_in_plain_diffusers(tiny_teachers, tmp_path):

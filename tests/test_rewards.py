@@ -135,8 +135,11 @@ def test_tscd_reward_term_from_config(digits_teacher):
         "prompts": prompts,
     }
     terms = method.loss("student", batch, step=0, generator=torch.Generator().manual_seed(0))
+    adversarial = {"gan_g"} if cfg.section.adversarial_weight else set()  # the recipe's adversarial term
     assert (
-        set(terms) == {"cd", "reward"} and torch.isfinite(terms["reward"]) and terms["reward"] > 0
+        set(terms) == {"cd", "reward"} | adversarial
+        and torch.isfinite(terms["reward"])
+        and terms["reward"] > 0
     )  # -λ log p
     sum(terms.values()).backward()
     grads = [p.grad for p in method.groups()[0].params.values() if p.grad is not None]

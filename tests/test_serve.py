@@ -50,6 +50,29 @@ def make_export(teacher: str, out: Path) -> Path:
     return export(method, t, to_dict(cfg), out, lora_scale=0.8, prompts=["a red square"])
 
 
+def make_tscd_export(teacher: str, out: Path) -> Path:
+    """A real fastdiff export of a TSCD LoRA student with a 2-segment stage kept (weights randomised): lora/ is the
+    final (1-segment) LoRA, lora/2step/ the 2-segment stage's."""
+    from fastdiff.config import load_config, to_dict
+    from fastdiff.export import export
+    from fastdiff.methods import build
+    from fastdiff.run import run_context
+    from fastdiff.teacher import Teacher
+
+    overrides = [f"teacher={teacher}", f"output_dir={out}", "tscd.segments=[2,1]", "tscd.stage_steps=[1,1]"]
+    cfg = load_config(REPO / "assets/configs/digits_tscd.yaml", overrides)
+    t = Teacher(teacher)
+    method = build(run_context(cfg, t, with_data=False))
+    g = torch.Generator().manual_seed(7)
+    params = method.groups()[0].params
+    method.stage_weights = {2: {n: torch.randn(p.shape, generator=g) * 0.05 for n, p in params.items()}}
+    method._last_segments = 1  # trained through both stages
+    with torch.no_grad():
+        for p in params.values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return export(method, t, to_dict(cfg), out, lora_scale=0.8, prompts=["a red square"])
+
+
 @pytest.fixture(scope="module")
 def assets(tiny_teachers, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
@@ -389,6 +412,41 @@ def test_kohya_lora_and_fastdiff_export_are_served_with_the_export_recipe(server
         assert name in text
 
 
+def test_a_tscd_export_serves_each_step_count_with_its_own_lora(tiny_teachers, tmp_path):
+    """At 2 steps the 2-segment stage's LoRA (lora/2step) with DDIM trailing, at 1 step the unified LoRA with TCD:
+    each equals plain diffusers with that LoRA on the base, as the export's recipe says."""
+    from diffusers import DiffusionPipeline
+
+    from fastdiff.recipe import make_scheduler
+
+    root = tmp_path / "adapters"
+    root.mkdir()
+    export = make_tscd_export(tiny_teachers["sdxl"], root / "segmented")
+    recipe = json.loads((export / "fastdiff.json").read_text())
+    assert recipe["recipes"]["2"]["lora"] == "lora/2step" and recipe["recipes"]["1"]["lora"] is None
+    cfg = config({"base": tiny_teachers["sdxl"], "root": root}, cache_size=2, max_adapter_bytes=10_000_000)
+    with running(cfg) as (client, _):
+        # 2, then 1, then 2 again: switching between the two LoRAs of one export
+        served = {k: generate(client, adapters=[{"name": "segmented"}], seed=3, steps=k) for k in (2, 1, 2)}
+        listed = client.get("/v1/adapters").json()["data"]
+    assert [a["name"] for a in listed] == ["segmented"]
+    assert (
+        served[2]["fastdiff"]["scheduler"] == "DDIMScheduler"
+        and served[1]["fastdiff"]["scheduler"] == "TCDScheduler"
+    )
+    for k in (1, 2):
+        r = recipe["recipes"][str(k)]
+        pipe = DiffusionPipeline.from_pretrained(tiny_teachers["sdxl"])
+        pipe.load_lora_weights(export / (r["lora"] or "lora"), adapter_name="student")
+        pipe.set_adapters(["student"], [0.8])
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, r["scheduler"], r["scheduler_kwargs"])
+        ref = pipe("a red square", num_inference_steps=k, guidance_scale=0.0, **({"eta": r["eta"]} if "eta" in r else {}),
+                   generator=[torch.Generator().manual_seed(3)], output_type="np").images[0]  # fmt: skip
+        ref = (ref * 255).round().astype(int)
+        assert np.abs(pixels(served[k])[0] - ref).max() <= 1, k
+    assert np.abs(pixels(served[2])[0] - pixels(served[1])[0]).max() > 5
+
+
 def test_export_recipe_overrides_are_limited():
     lcm = {"method": "dmd2", "num_inference_steps": 4, "guidance_scale": 0.0, "timesteps": [999, 749, 499, 249], "scheduler": "LCMScheduler", "scheduler_kwargs": {"original_inference_steps": 4}, "timesteps_derivable": True, "sampler": "lcm", "step_counts": [1, 2, 3, 4], "recipes": {}, "lora_scale": 1.0}  # fmt: skip
     sched = {"num_train_timesteps": 1000, "original_inference_steps": 4}
@@ -422,6 +480,17 @@ def test_export_recipe_overrides_are_limited():
     )
     with pytest.raises(ValueError, match="samples at \\[1, 2, 4\\] step"):
         sampling_for(c, 3, None)
+    per_step = {**ddim, "recipes": {**ddim["recipes"], "4": {**ddim["recipes"]["2"], "num_inference_steps": 4, "lora": "lora/4step"}}}  # fmt: skip
+    d = Adapter("seg", Path("x/lora/a.safetensors"), "diffusers", Path("x"), 1, recipe=per_step,
+                scheduler_config=sched, variants={"lora/4step": Path("x/lora/4step/w.safetensors")})  # fmt: skip
+    assert sampling_for(d, 4, None).lora == "lora/4step" and sampling_for(d, 2, None).lora is None
+    assert d.weights_for("lora/4step") == (
+        Path("x/lora/4step/w.safetensors"),
+        f"{d.internal_name}_lora_4step",
+    )
+    assert (
+        d.weights_for(None) == d.weights_for("lora/other") == (Path("x/lora/a.safetensors"), d.internal_name)
+    )
 
 
 def test_cli_builds_the_serve_config(monkeypatch):

@@ -18,7 +18,7 @@ import torch
 
 from ..digits.data import balanced_prompts
 from ..export import image_grid
-from ..recipe import Recipe, read_recipe
+from ..recipe import Recipe, read_recipe, step_sources
 
 TEACHER_STEPS = (1, 2, 4, 8, 25)
 
@@ -36,9 +36,8 @@ class System:
     scheduler: str | dict | None = None
     extra: dict | None = None
     train_seconds: float | None = None
-    lora: str | None = (
-        None  # a LoRA folder loaded on top (e.g. a step-distilled student under AGD's adapters)
-    )
+    lora: str | None = None  # a LoRA folder loaded on top (e.g. a student LoRA under AGD's adapters)
+    lora_scale: float | None = None  # set: the LoRA is fused at this scale (an export's per-step LoRA)
 
 
 def teacher_systems(teacher: str, guidance_scale: float, steps=TEACHER_STEPS) -> list[System]:
@@ -53,23 +52,27 @@ def export_system(
     data = read_recipe(folder)
     recipe = Recipe.from_json(data)
     step = recipe.for_steps(steps or recipe.num_inference_steps)  # a count's own recipe where it has one
+    pipeline, lora = step_sources(folder, step, data)  # pipeline/, or the teacher and the count's own LoRA
     kw = step.call_kwargs()
     n, g = kw.pop("num_inference_steps"), kw.pop("guidance_scale")
     return System(
         name or f"{data['method']}-{n}",
         data["method"],
-        str(Path(folder) / "pipeline"),
+        str(pipeline),
         n,
         g if guidance_scale is None else guidance_scale,
         scheduler={"class": step.scheduler, **step.scheduler_kwargs} if step.scheduler else None,
         extra=kw,
         train_seconds=data.get("train_seconds"),
+        lora=None if lora is None else str(lora),
+        lora_scale=None if lora is None else data.get("lora_scale") or 1.0,
     )
 
 
 def stacked_system(agd_export: str, student_export: str, steps: int, guidance_scale: float) -> System:
-    """AGD's adapters guiding a step-distilled student LoRA: the student's LoRA and per-step sampler (scheduler,
-    steps, eta) under the AGD pipeline at guidance ``w`` (one UNet call per step)."""
+    """AGD's adapters guiding a step-distilled student LoRA: the student's LoRA for that step count (its own, or the
+    export's main one) and per-step sampler (scheduler, steps, eta) under the AGD pipeline at guidance ``w`` (one
+    UNet call per step)."""
     student = export_system(student_export, steps=steps)
     recipe, guide = read_recipe(student_export), read_recipe(agd_export)
     if not recipe.get("lora"):
@@ -89,20 +92,23 @@ def stacked_system(agd_export: str, student_export: str, steps: int, guidance_sc
         guidance_scale,
         scheduler=scheduler,
         extra=student.extra,
-        lora=str(Path(student_export) / recipe["lora"]),
+        lora=student.lora or str(Path(student_export) / recipe["lora"]),
     )
 
 
 def _load(system: System):
     from diffusers import DDIMScheduler
 
-    from ..recipe import load_pipeline, make_scheduler
+    from ..recipe import load_lora_pipeline, load_pipeline, make_scheduler
 
     # a standard pipeline, or a custom one (AGD's adapter guidance) through fastdiff's own class
-    pipe = load_pipeline(system.pipeline, use_safetensors=True)
+    if system.lora and system.lora_scale is not None:
+        pipe = load_lora_pipeline(system.pipeline, system.lora, system.lora_scale, use_safetensors=True)
+    else:
+        pipe = load_pipeline(system.pipeline, use_safetensors=True)
+        if system.lora:
+            pipe.load_lora_weights(system.lora)
     pipe.set_progress_bar_config(disable=True)
-    if system.lora:
-        pipe.load_lora_weights(system.lora)
     if system.scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(
             pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,10 +58,16 @@ class RunContext:
 @dataclass
 class ExportedStudent:
     """What a method exports as its student: a diffusers UNet, whole (``adapter`` None) or as the named LoRA
-    adapter on it (the base is then the teacher's UNet)."""
+    adapter on it (the base is then the teacher's UNet).
+
+    ``variants`` (LoRA students only): more weights of the same adapter, each exported as a LoRA of its own in
+    ``lora/<folder>/``: folder name -> the adapter's parameter tensors, named as in ``unet.named_parameters()``.
+    A ``StepRecipe`` with ``lora="lora/<folder>"`` samples with them (e.g. TSCD's per-step-count LoRAs).
+    """
 
     unet: nn.Module
     adapter: str | None = None
+    variants: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class Method(nn.Module):

@@ -6,8 +6,9 @@ Networks: generator G (x0 at fixed student timesteps), the frozen teacher f_φ, 
 generator's distribution; G and f_ψ start from the teacher (full copies or LoRA adapters, as DMD2). Only prompts.
 
 Fake score (updated first, then the generator: 1:1):
-    x = sg(G(z)),  t ~ U[min_step, max_step),  x_t = α_t x + σ_t ε
-    L_fake = mean ||ε̂^{κ1}(x_t, c') - ε||²,   c' = c with ``prompt_dropout`` of the prompts emptied (lsg, anti_cfg)
+    c' = c with ``prompt_dropout`` of the prompts emptied (lsg, anti_cfg; see "Prompt dropout" below)
+    x = sg(G(z, c')),  t ~ U[min_step, max_step),  x_t = α_t x + σ_t ε
+    L_fake = mean ||ε̂^{κ1}(x_t, c') - ε||²
     (+ λ_D [softplus(D(fake_t)) + softplus(-D(real_t))] with real images: the diffusion-GAN head on f_ψ)
 Generator (gradients flow through BOTH score networks: no stop-gradient on y_r, y_f):
     x = G(z),  t ~ U[min_step, max_step),  x_t = α_t x + σ_t ε
@@ -32,6 +33,16 @@ push that fades once its classes are apart, where teacher CFG keeps climbing p(c
 share (stationary point: s_q(x|c) = s_q(x) + (s_p(x|c) - s_q(x)) / κ). λ <= -1 (κ <= 0 with a conditional fake)
 has no such point (κ < 0: an anti-guided one) and diverged on the analytic teacher, hence the range.
 
+Prompt dropout (``prompt_dropout_mode``): f_ψ(·|∅) must be the score of what the generator makes for the empty
+prompt, so that f_ψ^κ extrapolates from the generator's own unconditional distribution.
+    reference  (default, as SiD-LSG's training loop) the dropped rows' prompts are emptied *before* the generator
+               samples: x = G(z, ∅) and the fake trains on (x, ∅) for them. Only when the fake score's ∅ output is
+               used, i.e. some of κ1, κ2, κ3 is not 1 (the reference drops when κ1 ≠ 1 or κ2 = κ3 ≠ 1; κ4 plays no
+               part): LSG with κ1 = κ2 = κ3 = 1 trains the fake on every prompt.
+    fake_only  the generator samples with the full prompt and only the fake score's condition is emptied, so
+               f_ψ(·|∅) learns the generator's marginal over prompts; drops whenever ``prompt_dropout`` > 0.
+The drop mask is drawn from the step's generator (a function of seed, step, rank and micro-batch).
+
 Few-step (``num_steps`` = K > 1): each iteration draws k ~ U{1..K}, the same k on every rank (from a generator
 seeded by the step) and for both updates of the step, and runs k steps on the k-step grid
 t_i = t_0 - floor((t_0 + 1) i / k) (t_0 = ``init_timestep``; at t_0 = 999 exactly LCMScheduler's timesteps with
@@ -41,7 +52,10 @@ generator matches the uniform mixture of its 1..K-step outputs and samples at an
 Deviations from the reference, on purpose: the first input is pure noise z labelled t_0, as a diffusers pipeline
 feeds it (the reference feeds σ_{t_0} z: 0.93 z at t_0 = 625, 0.998 z at 999), so exports reproduce ``generate``;
 losses are means over elements rather than sums (a constant factor Adam ignores), so DMD2's GAN weights keep
-their meaning.
+their meaning. EMA (``ema_decay``; the recipes translate the reference's half-life of 50k images): as in the
+reference, only the exported / evaluated generator is G_ema, every training sample comes from the live G; the
+trainer's EMA warm-up (decay <= (1 + n) / (10 + n) after n updates) stands in for the reference's ramp (half-life
+<= 5% of the images seen).
 """
 
 from __future__ import annotations
@@ -63,6 +77,7 @@ from .critic import CriticMethod, gan_wanted, student_and_fake
 from .registry import register
 
 GUIDANCE = ("cfg", "lsg", "zero_cfg", "anti_cfg")
+DROPOUT_MODES = ("reference", "fake_only")
 WEIGHTINGS = ("mean_abs", "snr")
 
 
@@ -74,7 +89,8 @@ class GuidancePlan:
     fake: float  # κ2: fake score in (y_r - y_f)
     fake_alpha: float  # κ3: fake score in α (y_r - y_f')
     real: float  # κ4: the teacher
-    prompt_dropout: float
+    prompt_dropout: float  # the share of rows whose prompt is emptied while the fake score trains
+    sample_dropped: bool = False  # the generator samples those rows with ∅ too (mode ``reference``)
 
 
 @dataclass
@@ -88,6 +104,7 @@ class SiDConfig:
     lsg_scales: list[float] | None = None  # lsg: explicit [κ1, κ2, κ3, κ4] instead of guidance_scale
     anti_cfg_scale: float = -0.5  # anti_cfg: λ in (-1, 0); the fake score is f(c) + λ (f(c) - f(∅))
     prompt_dropout: float = 0.1  # lsg / anti_cfg: empty-prompt rate while training the fake score
+    prompt_dropout_mode: str = "reference"  # reference: G samples the dropped rows with ∅ too | fake_only
     weighting: str = "mean_abs"  # mean_abs: 1 / mean|x - y_r| per sample (reference) | snr: sqrt(1 + SNR(t))
     num_steps: int = 1  # K: the generator learns the uniform mixture of its 1..K-step outputs
     init_timestep: int = 625  # t of the first generator step (input: pure noise); few-step: 999
@@ -110,22 +127,36 @@ class SiDConfig:
 
 
 def guidance_plan(cfg: SiDConfig) -> GuidancePlan:
-    """The scales a ``sid.guidance`` variant uses (see the module docstring), with its config checked."""
+    """The scales a ``sid.guidance`` variant uses and its prompt dropout (see the module docstring), checked."""
+    if cfg.prompt_dropout_mode not in DROPOUT_MODES:
+        raise ValueError(
+            f"sid.prompt_dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {cfg.prompt_dropout_mode!r}"
+        )
     if cfg.guidance == "cfg":
         return GuidancePlan(1.0, 1.0, 1.0, cfg.guidance_scale, 0.0)
     if cfg.guidance == "lsg":
         scales = [cfg.guidance_scale] * 4 if cfg.lsg_scales is None else list(cfg.lsg_scales)
         if len(scales) != 4:
             raise ValueError(f"sid.lsg_scales must list [κ1, κ2, κ3, κ4], got {scales}")
-        return GuidancePlan(*map(float, scales), cfg.prompt_dropout)
+        return _with_dropout(cfg, *map(float, scales))
     if cfg.guidance == "zero_cfg":
         return GuidancePlan(0.0, 0.0, 0.0, 1.0, 0.0)
     if cfg.guidance == "anti_cfg":
         if not -1 < cfg.anti_cfg_scale < 0:
             raise ValueError(f"sid.anti_cfg_scale must be in (-1, 0) (Anti-CFG), got {cfg.anti_cfg_scale}")
         kappa = 1.0 + float(cfg.anti_cfg_scale)  # f(c) + λ (f(c) - f(∅)) = f(∅) + (1 + λ) (f(c) - f(∅))
-        return GuidancePlan(1.0, kappa, kappa, 1.0, cfg.prompt_dropout)
+        return _with_dropout(cfg, 1.0, kappa, kappa, 1.0)
     raise ValueError(f"sid.guidance must be one of {', '.join(GUIDANCE)}, got {cfg.guidance!r}")
+
+
+def _with_dropout(
+    cfg: SiDConfig, fake_train: float, fake: float, fake_alpha: float, real: float
+) -> GuidancePlan:
+    if cfg.prompt_dropout_mode == "fake_only":
+        return GuidancePlan(fake_train, fake, fake_alpha, real, cfg.prompt_dropout)
+    uses_fake_uncond = any(k != 1 for k in (fake_train, fake, fake_alpha))
+    rate = cfg.prompt_dropout if uses_fake_uncond else 0.0
+    return GuidancePlan(fake_train, fake, fake_alpha, real, rate, sample_dropped=True)
 
 
 def step_timesteps(num_steps: int, init_timestep: int) -> list[int]:
@@ -330,8 +361,18 @@ class SiD(CriticMethod):
             terms["gan_g"] = c.gan_generator_weight * self.critic.generator_loss(x, cond, generator)
         return terms
 
+    def _drop_prompts(self, cond, n: int, generator, device):
+        """``cond`` with a ``prompt_dropout`` share of its rows replaced by the empty prompt."""
+        drop = (
+            torch.rand(n, generator=generator, device=generator.device).to(device) < self.plan.prompt_dropout
+        )
+        return replace_rows(cond, self.null_cond(n), drop)
+
     def _critic_loss(self, batch, cond, n, k, generator, device, acp) -> dict[str, torch.Tensor]:
         plan, c = self.plan, self.cfg
+        dropout = plan.prompt_dropout > 0
+        if dropout and plan.sample_dropped:  # reference: the generator samples the dropped rows with ∅
+            cond = self._drop_prompts(cond, n, generator, device)
         with torch.no_grad():
             x = self._student_sample(cond, n, k, generator, device)
         ok = _finite_rows(x)
@@ -344,11 +385,8 @@ class SiD(CriticMethod):
         eps = randn(x.shape, generator, device)
         x_t = schedule.add_noise(x, eps, t, acp)
         train_cond = cond
-        if plan.prompt_dropout > 0:
-            drop = (
-                torch.rand(m, generator=generator, device=generator.device).to(device) < plan.prompt_dropout
-            )
-            train_cond = replace_rows(cond, self.null_cond(m), drop)
+        if dropout and not plan.sample_dropped:  # fake_only: x was sampled with c, the fake sees ∅
+            train_cond = self._drop_prompts(cond, m, generator, device)
         (pred,) = guided(self.fake_score, x_t, t, train_cond, (plan.fake_train,), self.null_cond, native=True)
         eps_hat = schedule.to_eps(pred, x_t.float(), t, acp, self.fake_score.prediction_type)
         err = losses.per_sample_mean((eps_hat - eps) ** 2)

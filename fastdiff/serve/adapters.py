@@ -6,7 +6,9 @@ inside that root). Only ``.safetensors`` files are registered; their keys are ch
 and kohya formats, see ``fastdiff.models.lora.validate_lora_file``), their weights are read when first used.
 
 A fastdiff export (a folder with ``fastdiff.json`` and ``lora/``) carries its sampling recipe: scheduler, step count,
-timesteps, guidance and LoRA scale. ``sampling_for`` turns it, and a request's overrides, into a ``Sampling``.
+timesteps, guidance and LoRA scale, and per step count possibly a LoRA of its own (``lora/<k>step/``, checked at
+registration like the main one). ``sampling_for`` turns it, and a request's overrides, into a ``Sampling``; the
+worker loads the weights ``Adapter.weights_for(sampling.lora)`` names as their own peft adapter.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class Sampling:
 
     ``scheduler`` is a diffusers scheduler class name and ``scheduler_config`` its config as JSON; ``None`` / ``""``
     for the base pipeline's own scheduler. ``timesteps`` is passed to the pipeline only when the scheduler cannot
-    derive it from the step count; ``eta`` only when the recipe sets it.
+    derive it from the step count; ``eta`` only when the recipe sets it. ``lora``: the export's LoRA folder for
+    this step count (its recipe's ``lora``), None for the export's main LoRA.
     """
 
     num_inference_steps: int
@@ -52,6 +55,7 @@ class Sampling:
     scheduler_config: str = ""
     timesteps: tuple[int, ...] | None = None
     eta: float | None = None
+    lora: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +69,7 @@ class Adapter:
     nbytes: int
     recipe: dict | None = None  # fastdiff.json of an export
     scheduler_config: dict | None = None  # the export's scheduler (its pipeline/scheduler, or derived)
+    variants: dict[str, Path] = field(default_factory=dict)  # an export's per-step LoRA folder -> its weights
     uid: int = field(default_factory=lambda: next(_UIDS))
 
     @property
@@ -76,6 +81,13 @@ class Adapter:
     def internal_name(self) -> str:
         """The peft adapter name on the pipeline (request names may hold '.', which peft module keys cannot)."""
         return f"fd{self.uid}"
+
+    def weights_for(self, lora: str | None) -> tuple[Path, str]:
+        """(weights file, peft adapter name) serving a sampling's ``lora``: one of this export's per-step LoRAs, or
+        the main weights (None, or a LoRA folder of another export)."""
+        if lora is None or lora not in self.variants:
+            return self.path, self.internal_name
+        return self.variants[lora], f"{self.internal_name}_{re.sub(r'[^A-Za-z0-9]', '_', lora)}"
 
     def describe(self) -> dict:
         out = {
@@ -123,6 +135,7 @@ def sampling_for(adapter: Adapter, steps: int | None, guidance_scale: float | No
         json.dumps(config, sort_keys=True),
         timesteps,
         step.eta,
+        step.lora,
     )
 
 
@@ -294,6 +307,17 @@ class Registry:
                 400, f"{folder}: {RECIPE_FILE} points its LoRA outside the export ({recipe['lora']})"
             )
         fmt, nbytes = self._weights(weights)
+        variants = {}
+        for steps, r in sorted((recipe.get("recipes") or {}).items()):
+            if r.get("lora"):  # a LoRA of this step count's own, e.g. TSCD's lora/<k>step/
+                path = (folder / r["lora"] / DIFFUSERS_WEIGHT_NAME).resolve()
+                if not path.is_relative_to(folder.resolve()):
+                    raise RequestError(
+                        400,
+                        f"{folder}: {RECIPE_FILE} points the {steps}-step LoRA outside the export ({r['lora']})",
+                    )
+                self._weights(path)
+                variants[r["lora"]] = path
         sched_file = folder / "pipeline" / "scheduler" / "scheduler_config.json"
         if sched_file.is_file():  # the scheduler the export saved (and self-checked)
             config = json.loads(sched_file.read_text())
@@ -303,4 +327,6 @@ class Registry:
             )
             config = dict(sched.config)
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        return Adapter(name, weights, fmt, folder, nbytes, recipe=recipe, scheduler_config=config)
+        return Adapter(
+            name, weights, fmt, folder, nbytes, recipe=recipe, scheduler_config=config, variants=variants
+        )

@@ -9,7 +9,8 @@ layer (peft's mixed-adapter batches, ``adapter_names``), the base layers run onc
 
 Adapters load lazily (``load_lora_weights(adapter_name=...)``) into an LRU cache of ``cache_size`` adapters; a
 switch sets the active adapters and their scales on weights already in memory (``_switch``), never a reload of
-the base.
+the base. An export with a LoRA of its own for some step counts has one cache entry per LoRA it was used with
+(``Adapter.weights_for(sampling.lora)``): a batch at such a count runs that LoRA's weights.
 """
 
 from __future__ import annotations
@@ -124,9 +125,10 @@ class Worker(threading.Thread):
         self.is_registered = is_registered
         self.mix_adapters = mix_adapters
         self.base_scheduler = pipe.scheduler
-        self.loaded: OrderedDict[Adapter, str] = OrderedDict()  # LRU order, oldest first; worker thread only
+        # (adapter, its per-step LoRA or None) -> peft adapter name, LRU order, oldest first; worker thread only
+        self.loaded: OrderedDict[tuple[Adapter, str | None], str] = OrderedDict()
         self.loaded_uids: frozenset[int] = frozenset()  # a snapshot for other threads
-        self.active: tuple | None = None  # ((uid, weight), ...) set on the pipeline; None = unknown
+        self.active: tuple | None = None  # ((peft name, weight), ...) set on the pipeline; None = unknown
         self.schedulers: dict[Sampling, object] = {}
         self._queue: queue.Queue = queue.Queue()
         self._pending: deque[Job] = deque()  # taken off the queue while gathering a batch of another key
@@ -255,11 +257,14 @@ class Worker(threading.Thread):
         images = sum(j.n for j in batch)
         hooks = []
         try:
+            lora = key.sampling.lora  # the batch's per-step LoRA of an export (shared by every request)
             if all(j.key.adapters == key.adapters for j in batch):
-                self._use_adapters(key.adapters)
+                self._use_adapters(key.adapters, lora)
             else:  # a mixed batch: every adapter active with its weight, each image routed to its own
-                self._use_adapters(tuple(dict(a for j in batch for a in j.key.adapters).items()))
-                names = [j.key.adapters[0][0].internal_name if j.key.adapters else "__base__" for j in batch]
+                self._use_adapters(tuple(dict(a for j in batch for a in j.key.adapters).items()), lora)
+                names = [
+                    j.key.adapters[0][0].weights_for(lora)[1] if j.key.adapters else "__base__" for j in batch
+                ]
                 hooks = self._route([name for j, name in zip(batch, names) for _ in range(j.n)])
                 self.metrics.mixed_batches += 1
             self.pipe.scheduler = self._scheduler(key.sampling)
@@ -310,25 +315,29 @@ class Worker(threading.Thread):
         return self.schedulers[sampling]
 
     # adapters -----------------------------------------------------------------------------------------------
-    def _use_adapters(self, adapters: tuple[tuple[Adapter, float], ...]) -> None:
-        """Make exactly ``adapters`` (with their weights) active on the pipeline, loading what is missing."""
-        wanted = {a for a, _ in adapters}
-        for adapter, _ in adapters:
-            if adapter in self.loaded:
-                self.loaded.move_to_end(adapter)
+    def _use_adapters(self, adapters: tuple[tuple[Adapter, float], ...], lora: str | None = None) -> None:
+        """Make exactly ``adapters`` (with their weights) active on the pipeline, loading what is missing; an
+        export with a per-step LoRA named ``lora`` runs that LoRA's weights."""
+        entries = [((a, lora if lora in a.variants else None), w) for a, w in adapters]
+        wanted = {entry for entry, _ in entries}
+        for entry, _ in entries:
+            if entry in self.loaded:
+                self.loaded.move_to_end(entry)
                 continue
             while len(self.loaded) >= self.cache_size:
-                victim = next((a for a in self.loaded if a not in wanted), None)
+                victim = next((e for e in self.loaded if e not in wanted), None)
                 if victim is None:
                     break
                 self._unload(victim)
             self.active = None
+            adapter, variant = entry
+            path, name = adapter.weights_for(variant)
             try:
                 with _quiet_peft():
                     self.pipe.load_lora_weights(
-                        str(adapter.path.parent),
-                        weight_name=adapter.path.name,
-                        adapter_name=adapter.internal_name,
+                        str(path.parent),
+                        weight_name=path.name,
+                        adapter_name=name,
                         use_safetensors=True,
                         local_files_only=True,
                     )
@@ -336,13 +345,13 @@ class Worker(threading.Thread):
                 raise RuntimeError(
                     f"adapter {adapter.name!r} could not be loaded ({type(e).__name__}: {e})"
                 ) from e
-            self.loaded[adapter] = adapter.internal_name
+            self.loaded[entry] = name
             self._layers = None
-            self.loaded_uids = frozenset(a.uid for a in self.loaded)
+            self.loaded_uids = frozenset(a.uid for a, _ in self.loaded)
             self.metrics.adapter_loads += 1
-        state = tuple((a.uid, w) for a, w in adapters)
+        state = tuple((self.loaded[entry], w) for entry, w in entries)
         if state != self.active:
-            self._switch([a.internal_name for a, _ in adapters], [w for _, w in adapters])
+            self._switch([name for name, _ in state], [w for _, w in state])
             self.active = state
 
     def _switch(self, names: list[str], weights: list[float]) -> None:
@@ -387,18 +396,18 @@ class Worker(threading.Thread):
             ]
         return self._layers
 
-    def _unload(self, adapter: Adapter, evicted: bool = True) -> None:
+    def _unload(self, entry: tuple[Adapter, str | None], evicted: bool = True) -> None:
         with _quiet_peft():
-            self.pipe.delete_adapters([self.loaded.pop(adapter)])
-        self.loaded_uids = frozenset(a.uid for a in self.loaded)
+            self.pipe.delete_adapters([self.loaded.pop(entry)])
+        self.loaded_uids = frozenset(a.uid for a, _ in self.loaded)
         self._layers = None
         self.active = None
         if evicted:
             self.metrics.adapter_evictions += 1
 
     def _evict_deleted(self) -> None:
-        for adapter in [a for a in self.loaded if not self.is_registered(a)]:
-            self._unload(adapter, evicted=False)
+        for entry in [e for e in self.loaded if not self.is_registered(e[0])]:
+            self._unload(entry, evicted=False)
 
     def sweep(self) -> None:
         """Drop deleted adapters from the pipeline soon (on the worker thread, between batches); returns at once."""

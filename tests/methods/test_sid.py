@@ -47,15 +47,16 @@ class Affine(Denoiser):
 
 
 class Constant(Denoiser):
-    """A generator whose x0 is a learnable tensor, whatever its input; records (x_t, t) per call."""
+    """A generator whose x0 is a learnable tensor, whatever its input; records (x_t, t) and the condition per call."""
 
     def __init__(self, value: torch.Tensor):
         super().__init__(ACP, "sample")
         self.value = torch.nn.Parameter(value.clone())
-        self.calls = []
+        self.calls, self.conds = [], []
 
     def native(self, x_t, t, cond, features=False):
         self.calls.append((x_t.detach().clone(), t.clone(), torch.is_grad_enabled()))
+        self.conds.append(None if cond is None else cond.clone())
         return self.value + 0 * x_t
 
 
@@ -320,6 +321,61 @@ def test_fake_score_training_prompts_and_its_own_cfg(guidance, dropout_expected)
     assert dropped == pytest.approx(dropout_expected, abs=0.015)
 
 
+def _critic_prompts(n=4000, steps=(0,), **changes):
+    """The labels the generator sampled with and the labels the fake score trained on, per critic update."""
+    gen, fake = Constant(torch.zeros(n, 1)), Affine(0.0, {-1: 1.0, 0: 3.0})
+    cfg = SiDConfig(init_timestep=999, **changes)
+    method = make(cfg, gen, fake, Affine(0.0, {-1: 0.0, 0: 0.0}), n, 1)
+    out = []
+    for step in steps:
+        gen.conds.clear(), fake.labels.clear()
+        g = torch.Generator().manual_seed(100 + step)
+        method.loss("critic", {"cond": torch.zeros(n, dtype=torch.long)}, step, g)
+        (sampled,), (trained,) = gen.conds, fake.labels
+        if trained.shape[0] == 2 * n:  # [∅; c'] in one batched call (the fake's own CFG κ1 != 1)
+            assert (trained[:n] == -1).all()
+            trained = trained[n:]
+        out.append((sampled, trained))
+    return out
+
+
+@pytest.mark.parametrize(
+    "guidance, extra",
+    [("lsg", {"guidance_scale": 2.0}), ("lsg", {"lsg_scales": [1.0, 1.5, 1.0, 3.0]}), ("anti_cfg", {})],
+)
+def test_reference_dropout_empties_the_prompt_before_the_generator_samples(guidance, extra):
+    """SiD-LSG's loop: a dropped row is sampled by G with ∅ and the fake score trains on it with ∅."""
+    ((sampled, trained),) = _critic_prompts(guidance=guidance, **extra)
+    assert (sampled == trained).all()
+    assert (sampled == -1).float().mean().item() == pytest.approx(0.1, abs=0.015)
+
+
+def test_fake_only_dropout_samples_with_the_full_prompt():
+    ((sampled, trained),) = _critic_prompts(
+        guidance="lsg", guidance_scale=2.0, prompt_dropout_mode="fake_only"
+    )
+    assert (sampled == 0).all()
+    assert (trained == -1).float().mean().item() == pytest.approx(0.1, abs=0.015)
+
+
+@pytest.mark.parametrize("scales", [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 4.5]])
+def test_reference_dropout_is_off_when_the_fake_scores_scales_are_all_one(scales):
+    """The reference drops prompts only when the fake score's unconditional output is used (κ1, κ2, κ3)."""
+    ((sampled, trained),) = _critic_prompts(guidance="lsg", lsg_scales=scales)
+    assert (sampled == 0).all() and (trained == 0).all()
+    assert guidance_plan(SiDConfig(guidance="lsg", lsg_scales=scales)).prompt_dropout == 0
+    fake_only = SiDConfig(guidance="lsg", lsg_scales=scales, prompt_dropout_mode="fake_only")
+    assert guidance_plan(fake_only).prompt_dropout == 0.1
+
+
+def test_dropped_rows_are_a_function_of_the_steps_generator():
+    first = _critic_prompts(n=64, steps=(0, 1), guidance="lsg", guidance_scale=2.0)
+    again = _critic_prompts(n=64, steps=(0, 1), guidance="lsg", guidance_scale=2.0)
+    for (a, _), (b, _) in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0][0], first[1][0])
+
+
 def test_replace_rows_on_labels_and_cond():
     from fastdiff.models.denoiser import Cond
 
@@ -342,6 +398,7 @@ def test_replace_rows_on_labels_and_cond():
         ({"guidance": "lsg", "lsg_scales": [1.0, 2.0]}, "lsg_scales must list"),
         ({"weighting": "edm"}, "sid.weighting must be one of"),
         ({"prompt_dropout": 1.0}, "prompt_dropout"),
+        ({"prompt_dropout_mode": "generator"}, "prompt_dropout_mode must be one of"),
         ({"min_step": 600, "max_step": 500}, "min_step < sid.max_step"),
         ({"init_timestep": 1000}, "init_timestep"),
         ({"num_steps": 0}, "num_steps"),
@@ -369,6 +426,20 @@ def test_sid_config_section_and_build_errors():
         build(context(SiDConfig(gan="on")))
     with pytest.raises(ValueError, match="sid.gan must be"):
         build(context(SiDConfig(gan="maybe")))
+
+
+@pytest.mark.parametrize("recipe", ["sd15_sid_lsg", "sdxl_sid_1step", "sdxl_sid_4step"])
+def test_large_recipes_keep_the_references_ema_half_life(recipe):
+    """SiD-LSG's --ema 0.05: a half-life of 50k images, a decay of 0.5 ** (global batch / 50k) per step."""
+    from fastdiff.paths import asset
+
+    cfg = load_config(str(asset("configs", f"{recipe}.yaml")), ["teacher=x"])
+    batch = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    assert cfg.section.ema_decay == pytest.approx(0.5 ** (batch / 50_000), rel=0, abs=1e-8)
+    assert cfg.section.prompt_dropout_mode == "reference"
+    gen = Constant(torch.zeros(1, 1))
+    groups = {g.name: g for g in make(cfg.section, gen, gen, gen, 1, 1).groups()}
+    assert groups["generator"].ema_decay == cfg.section.ema_decay and groups["critic"].ema_decay is None
 
 
 # --- a tiny SDXL teacher: shared base, gradients, the GAN head --------------------------------------------------

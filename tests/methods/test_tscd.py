@@ -1,21 +1,25 @@
-"""TSCD (Hyper-SD): the solver and its segments by hand, the consistency target against hand formulas, the sampler
-against diffusers' DDIMScheduler, the optional terms, the LoRA / full memory modes on a tiny SD1.5 teacher, and the
-analytic GMM teacher trained through the stages 8 → 4 → 2 → 1 with the real Trainer."""
+"""TSCD (Hyper-SD): the solver and its segments by hand, segment edges on the sampled timesteps for every shipped
+recipe, the consistency target against hand formulas (fixed and per-sample CFG), the samplers against diffusers'
+DDIMScheduler and TCDScheduler, the optional terms, the weights kept at each stage's end (resume, recipe, export
+variants), the LoRA / full memory modes on a tiny SD1.5 teacher, and the analytic GMM teacher trained through the
+stages 8 → 4 → 2 → 1 with the real Trainer."""
 
 import functools
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fastdiff import schedule
-from fastdiff.config import OptimizerConfig, TrainConfig
+from fastdiff.config import OptimizerConfig, TrainConfig, load_config
 from fastdiff.eval.gmm_metrics import gmm_report
 from fastdiff.methods.tscd import (
     TSCD,
     TSCDConfig,
+    check_segment_edges,
     edge_of,
     prev_timesteps,
     segment_edges,
@@ -35,6 +39,8 @@ def _threads(one_thread, monkeypatch):
 
 
 ACP = scaled_linear_alphas_cumprod()
+REPO = Path(__file__).resolve().parents[2]
+TSCD_RECIPES = sorted(p for p in (REPO / "assets/configs").glob("*.yaml") if "method: tscd" in p.read_text())
 
 
 # --- the solver and its segments --------------------------------------------------------------------------------
@@ -56,6 +62,48 @@ def test_edge_lookup_and_stage_schedule():
     assert edge_of(n, segment_edges(50, 8)).tolist() == [0, 6, 12, 18, 25, 31, 37, 43]
     stages = [stage_segments(s, [8, 4, 2, 1], [10, 10, 10, 10]) for s in (0, 9, 10, 25, 39, 40, 1000)]
     assert stages == [8, 8, 4, 2, 1, 1, 1]
+
+
+def test_segment_edges_must_be_the_sampled_timesteps():
+    """N = 50 puts the k = 4 edges at 239 / 499 / 739 while the 4-step export samples 999 / 749 / 499 / 249 (and
+    k = 8 likewise); N = 40 puts every edge of 8 → 4 → 2 → 1 on the sampled timesteps."""
+    with pytest.raises(ValueError, match=r"8 segments has edges \[119, 239, 359, 619, 739, 859\]"):
+        check_segment_edges(50, [8, 4, 2, 1])
+    with pytest.raises(ValueError, match=r"4 segments has edges \[239, 739\] .* \[999, 749, 499, 249\]"):
+        check_segment_edges(50, [4, 2, 1])
+    with pytest.raises(ValueError, match="top timestep 989 is not 999"):
+        check_segment_edges(30, [1])  # Δ = 33: the solver never reaches 999
+    check_segment_edges(50, [2, 1])
+    check_segment_edges(40, [8, 4, 2, 1])
+    with pytest.raises(ValueError, match="num_ddim_timesteps=50"):  # at construction, from the config
+        linear_method(segments=(4, 1), num_ddim_timesteps=50)
+
+
+@pytest.mark.parametrize("recipe", TSCD_RECIPES, ids=[p.stem for p in TSCD_RECIPES])
+def test_every_stage_of_the_shipped_recipes_samples_at_its_segment_edges(recipe):
+    """For every stage k of every shipped TSCD / LCM recipe, the timesteps its k-step export samples at (trailing
+    DDIM: 999 and below) are the segment edges τ'_{e_j} (j ≥ 1) and the solver's top timestep."""
+    c = load_config(recipe, ["teacher=unused"]).section
+    tau, tau_prev = solver_timesteps(c.num_ddim_timesteps), prev_timesteps(c.num_ddim_timesteps)
+    for k in c.segments:
+        edges = sorted(int(tau_prev[e]) for e in segment_edges(c.num_ddim_timesteps, k)[1:])
+        sampled = schedule.ddim_timesteps(k)
+        assert sorted(sampled) == sorted([int(tau[-1]), *edges]), (recipe.name, k)
+        assert set(sampled) <= set(tau.tolist())  # every sampled timestep is on the trained solver grid
+
+
+def test_shipped_recipes_match_the_references():
+    """PCM's released SDXL recipe: lr 2e-6, N = 40, w ~ U[6, 7] (standard scale 7-8), adversarial weight 0.1
+    (adv lr 1e-5); SD1.5: w ~ U[4, 5]. Every TSCD / LCM recipe trains on data and has the adversarial term on."""
+    sections = {p.stem: load_config(p, ["teacher=unused"]).section for p in TSCD_RECIPES}
+    assert set(sections) >= {"digits_tscd", "digits_lcm", "sdxl_tscd_lora", "sd15_tscd_lora", "sdxl_lcm_lora"}
+    for name, c in sections.items():
+        assert c.adversarial_weight == 0.1 and c.num_ddim_timesteps == 40, name
+    for name in ("sdxl_tscd_lora", "sdxl_lcm_lora"):
+        c = sections[name]
+        assert (c.lr, c.guidance_scale_range, c.discriminator_lr) == (2e-6, [7.0, 8.0], 1e-5), name
+        assert c.optim.weight_decay == 0.0, name
+    assert sections["sd15_tscd_lora"].guidance_scale_range == [5.0, 6.0]
 
 
 # --- the consistency target against hand formulas ---------------------------------------------------------------
@@ -81,19 +129,21 @@ class LinearTeacher(Denoiser):
 
 
 def hand_pair(x0, eps, n, k, w=0.5, cfg_scale=2.0):
-    """pred / target of the card, written out with α = sqrt(ᾱ), σ = sqrt(1 - ᾱ) (float64)."""
+    """pred / target of the card, written out with α = sqrt(ᾱ), σ = sqrt(1 - ᾱ) (float64), N = 40 (Δ = 25);
+    ``cfg_scale`` one scale or one per sample."""
     acp = ACP.double()
-    edges = [j * 50 // k for j in range(k)]
+    edges = [j * 40 // k for j in range(k)]
+    scales = torch.as_tensor(cfg_scale, dtype=torch.float64).expand(len(n))
     preds, targets = [], []
     for i, ni in enumerate(n.tolist()):
         e = max(v for v in edges if v <= ni)
-        t, t_prev, t_edge = 20 * (ni + 1) - 1, max(20 * ni - 1, 0), max(20 * e - 1, 0)  # τ_n, τ'_n, τ'_e
+        t, t_prev, t_edge = 25 * (ni + 1) - 1, max(25 * ni - 1, 0), max(25 * e - 1, 0)  # τ_n, τ'_n, τ'_e
         a, s = acp[t].sqrt(), (1 - acp[t]).sqrt()
         x = a * x0[i].double() + s * eps[i].double()
         eps_s = w * x  # student
         x0_s = (x - s * eps_s) / a
         pred = acp[t_edge].sqrt() * x0_s + (1 - acp[t_edge]).sqrt() * eps_s
-        lcm_w = cfg_scale - 1  # LCM form: cond + w (cond - uncond)
+        lcm_w = scales[i] - 1  # LCM form: cond + w (cond - uncond)
         x0_t = 0.3 * x + lcm_w * (0.3 * x - 0.1 * x)
         eps_t = (x - a * x0_t) / s
         x_prev = acp[t_prev].sqrt() * x0_t + (1 - acp[t_prev]).sqrt() * eps_t
@@ -116,17 +166,42 @@ def linear_method(segments=(4,), **kw):
 def test_consistency_target_matches_hand_formula_including_edges():
     method = linear_method()
     g = torch.Generator().manual_seed(0)
-    n = torch.tensor([0, 5, 12, 30, 37, 49, 25, 24])  # 0, 12, 37, 25 are edges for k = 4
+    n = torch.tensor([0, 5, 10, 30, 37, 39, 20, 24])  # 0, 10, 20, 30 are the edges for k = 4, N = 40
     x0, eps = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
     cond = torch.ones(8, dtype=torch.long)
     pred, target, t_edge = method.consistency_pair(x0, eps, n, cond, k=4)
     hand_pred, hand_target = hand_pair(x0, eps, n, k=4)
     torch.testing.assert_close(pred, hand_pred, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(target, hand_target, rtol=1e-4, atol=1e-5)
-    assert t_edge.tolist() == [0, 0, 239, 499, 739, 739, 499, 239]
+    assert t_edge.tolist() == [0, 0, 249, 749, 749, 749, 499, 499]  # the 4-step export's timesteps
     assert pred.requires_grad and not target.requires_grad
     pred.sum().backward()
     assert method.student.w.grad is not None
+
+
+def test_guidance_scale_range_draws_one_scale_per_sample():
+    """PCM's w ~ U[w_min, w_max] per sample in the teacher's CFG step (standard scale s = w + 1)."""
+    method = linear_method(guidance_scale_range=[3.0, 4.0])
+    g = torch.Generator().manual_seed(0)
+    n = torch.tensor([3, 17, 30, 39])
+    x0, eps = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    scales = torch.tensor([3.0, 3.25, 3.9, 4.0])
+    pred, target, _ = method.consistency_pair(x0, eps, n, torch.ones(4, dtype=torch.long), k=4, scale=scales)
+    hand_pred, hand_target = hand_pair(x0, eps, n, k=4, cfg_scale=scales)
+    torch.testing.assert_close(target, hand_target, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pred, hand_pred, rtol=1e-4, atol=1e-5)
+    drawn = method._guidance_scales(1000, torch.Generator().manual_seed(1), "cpu")
+    assert 3.0 <= drawn.min() < 3.01 and 3.99 < drawn.max() <= 4.0 and drawn.std() > 0.25
+    assert linear_method()._guidance_scales(4, g, "cpu") is None  # unset: the teacher's fixed scale
+    batch = {"cond": torch.ones(4, dtype=torch.long), "real": x0}
+    fixed = linear_method(guidance_scale_range=[2.0, 2.0]).loss(
+        "student", batch, 0, torch.Generator().manual_seed(2)
+    )
+    same = linear_method().loss("student", batch, 0, torch.Generator().manual_seed(2))  # fixed scale 2
+    torch.testing.assert_close(fixed["cd"], same["cd"])  # (n, ε drawn first: the same pairs)
+    for bad in ([4.0, 3.0], [0.0, 1.0], [2.0]):
+        with pytest.raises(ValueError, match="guidance_scale_range"):
+            linear_method(guidance_scale_range=bad)
 
 
 def test_cfg_scale_is_the_standard_scale_lcm_w_plus_one():
@@ -142,7 +217,7 @@ def test_one_segment_is_the_lcm_target():
     at n = 0, where the teacher step already lands on t = 0."""
     method = linear_method(segments=(1,))
     g = torch.Generator().manual_seed(1)
-    n = torch.tensor([0, 1, 7, 24, 49])
+    n = torch.tensor([0, 1, 7, 24, 39])
     x0, eps = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
     cond = torch.ones(5, dtype=torch.long)
     pred, target, t_edge = method.consistency_pair(x0, eps, n, cond, k=1)
@@ -151,7 +226,7 @@ def test_one_segment_is_the_lcm_target():
     torch.testing.assert_close(target, hand_target, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(pred, hand_pred, rtol=1e-4, atol=1e-5)
     # the same target from the LCM recipe: teacher DDIM step, target network's x̂0 / ε̂ at (x', t_prev)
-    t_n, t_prev = solver_timesteps(50)[n], prev_timesteps(50)[n]
+    t_n, t_prev = solver_timesteps(40)[n], prev_timesteps(40)[n]
     x_n = schedule.add_noise(x0, eps, t_n, ACP)
     with torch.no_grad():
         x0_t = method.teacher(x_n, t_n, cond)
@@ -194,6 +269,33 @@ def test_generate_equals_diffusers_ddim_trailing(prediction_type):
     torch.testing.assert_close(
         method.generate(noise, labels), method.generate(noise, labels, timesteps=[999])
     )
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.3])
+def test_generate_with_eta_equals_diffusers_tcd(eta):
+    """eta > 0: diffusers' TCDScheduler (γ = eta, original_inference_steps = N, as the recipe sets it), with its
+    noise drawn from the same generator after the initial noise, as a pipeline does."""
+    from diffusers import TCDScheduler
+
+    torch.manual_seed(0)
+    student = MLPDenoiser(ACP, dim=2, num_classes=2, hidden=32, prediction_type="epsilon")
+    method = TSCD(student, student, TSCDConfig(), (2,), dict(student.named_parameters()))
+    labels = torch.tensor([0, 1, 0, 1, -1, 1])
+    sched = TCDScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=40
+    )
+    for steps in (1, 2, 4, 8):
+        sched.set_timesteps(steps)
+        assert sched.timesteps.tolist() == schedule.ddim_timesteps(steps)  # N = 40: the trailing grid
+        g = torch.Generator().manual_seed(steps)
+        x = noise = torch.randn(6, 2, generator=g)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                x = sched.step(student.native(x, t.expand(6), labels), t, x, eta=eta, generator=g).prev_sample
+        g = torch.Generator().manual_seed(steps)
+        ours = method.generate(torch.randn(6, 2, generator=g), labels, timesteps=steps, generator=g, eta=eta)
+        torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(method.generate(noise, labels, 4, eta=1.0), method.generate(noise, labels, 4))
 
 
 # --- target network, data, optional terms -----------------------------------------------------------------------
@@ -261,33 +363,130 @@ def test_optional_terms_adversarial_reward_dmd():
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in owner.parameters()), group
 
 
-def test_resume_across_a_stage_switch_is_exact(tmp_path):
-    """The stage is a function of the step, so a resumed run replays the uninterrupted one (LoRA-style target)."""
-    gmm = GMM.random(num_classes=2, modes_per_class=1, dim=2)
+def test_discriminator_trains_on_the_student_pairs_of_the_same_step():
+    """One consistency pair per iteration serves both updates (as PCM's): the discriminator reads the detached
+    re-noised pair of the student's call at the same step, in call order; without one it draws its own."""
+    from fastdiff.methods import losses
 
-    def run(out, max_steps, **kw):
-        torch.manual_seed(0)
-        student = MLPDenoiser(ACP, dim=2, num_classes=2, hidden=16, prediction_type="sample")
-        teacher = CFG(GMMDenoiser(gmm, ACP), 1.0, lambda n: torch.full((n,), -1))
-        optim = OptimizerConfig(weight_decay=1e-3, warmup_steps=0, max_grad_norm=1.0)  # TSCD's, no warm-up
-        cfg = TSCDConfig(segments=[4, 2, 1], stage_steps=[4, 4, 4], lr=1e-3, optim=optim)
-        method = TSCD(student, teacher, cfg, (2,), dict(student.named_parameters()))
-
-        def batch_fn(step, micro, g):
-            x0, labels, _ = gmm.sample(8, generator=g)
-            return {"cond": labels, "real": x0}
-
-        run_cfg = TrainConfig(
-            teacher="gmm", output_dir=str(out), max_steps=max_steps, checkpointing_steps=5, **kw
+    torch.manual_seed(0)
+    mlp = functools.partial(MLPDenoiser, ACP, dim=2, num_classes=2, hidden=16, prediction_type="sample")
+    student, features = mlp(), mlp().requires_grad_(False)
+    cfg = TSCDConfig(segments=[2, 1], stage_steps=[5, 5], adversarial_weight=0.1)
+    teacher = CFG(features, 1.5, lambda n: torch.full((n,), -1))
+    method = TSCD(
+        student,
+        teacher,
+        cfg,
+        (2,),
+        dict(student.named_parameters()),
+        features=features,
+        head=DiscriminatorHead(16),
+    )
+    batch = {"cond": torch.tensor([0, 1, 1, 0]), "real": torch.randn(4, 2)}
+    other = {"cond": torch.tensor([1, 1, 0, 0]), "real": torch.randn(4, 2)}
+    for micro in range(2):  # gradient accumulation: two student calls, then two discriminator calls
+        method.loss("student", batch, 3, torch.Generator().manual_seed(micro))
+    pairs = list(method._adversarial_pairs[1])
+    for fake, real, t_adv, cond in pairs:
+        expected = losses.gan_discriminator_loss(
+            method._logits(fake, t_adv, cond), method._logits(real, t_adv, cond)
         )
-        Trainer(method, run_cfg, batch_fn).fit()
-        return {n: p.detach().clone() for n, p in student.named_parameters()}
+        torch.testing.assert_close(
+            method.loss("discriminator", other, 3, torch.Generator())["gan_d"], expected
+        )
+    assert len(pairs) == 2 and not torch.equal(pairs[0][0], pairs[1][0]) and not method._adversarial_pairs[1]
+    assert not pairs[0][0].requires_grad
+    fresh = method.loss("discriminator", other, 4, torch.Generator().manual_seed(0))[
+        "gan_d"
+    ]  # no student call
+    assert torch.isfinite(fresh)
 
-    full = run(tmp_path / "a", 10)
-    run(tmp_path / "b", 5)
-    resumed = run(tmp_path / "b", 10, resume_from_checkpoint="latest")
-    for n in full:
-        torch.testing.assert_close(resumed[n], full[n], atol=1e-6, rtol=0)
+
+def gmm_stage_method():
+    """An MLP student with stages 4 → 2 → 1 (4 steps each) on a two-class GMM."""
+    gmm = GMM.random(num_classes=2, modes_per_class=1, dim=2, seed=0)
+    torch.manual_seed(0)
+    student = MLPDenoiser(ACP, dim=2, num_classes=2, hidden=16, prediction_type="sample")
+    teacher = CFG(GMMDenoiser(gmm, ACP), 1.0, lambda n: torch.full((n,), -1))
+    optim = OptimizerConfig(weight_decay=1e-3, warmup_steps=0, max_grad_norm=1.0)  # TSCD's, no warm-up
+    cfg = TSCDConfig(segments=[4, 2, 1], stage_steps=[4, 4, 4], lr=1e-3, optim=optim)
+    return TSCD(student, teacher, cfg, (2,), dict(student.named_parameters())), gmm
+
+
+def gmm_stage_run(out, max_steps, checkpointing_steps=100, seen=None, **kw):
+    """``gmm_stage_method`` trained with the real Trainer; ``seen`` collects the weights after every step."""
+    method, gmm = gmm_stage_method()
+    student = method.student
+
+    def batch_fn(step, micro, g):
+        x0, labels, _ = gmm.sample(8, generator=g)
+        return {"cond": labels, "real": x0}
+
+    def record(step):
+        if seen is not None:
+            seen[step] = {n: p.detach().clone() for n, p in student.named_parameters()}
+
+    run_cfg = TrainConfig(
+        teacher="gmm",
+        output_dir=str(out),
+        max_steps=max_steps,
+        checkpointing_steps=checkpointing_steps,
+        validation_steps=1,
+        **kw,
+    )
+    Trainer(method, run_cfg, batch_fn, record).fit()
+    return method
+
+
+def test_each_stage_keeps_the_weights_it_ended_with():
+    """Stage k's kept weights are the student after the stage's last update; the last stage's are the final
+    weights, not a variant; the recipe points each earlier k at its own LoRA (DDIM), the rest at TCD."""
+    import tempfile
+
+    seen = {}
+    with tempfile.TemporaryDirectory() as out:
+        method = gmm_stage_run(out, 12, seen=seen)
+    assert sorted(method.stage_weights) == [2, 4] and method.final_segments == 1
+    for k, end in ((4, 4), (2, 8)):
+        for n, w in method.stage_weights[k].items():
+            torch.testing.assert_close(w, seen[end][n], rtol=0, atol=0)
+    noise, labels = torch.randn(5, 2), torch.tensor([0, 1, 0, 1, -1])
+    live = method.generate(noise, labels, 2)
+    with method.use_stage_weights(2):
+        stage2 = method.generate(noise, labels, 2)
+    assert not torch.allclose(live, stage2) and torch.equal(method.generate(noise, labels, 2), live)
+    recipe = method.recipe({"num_train_timesteps": 1000})
+    by_k = {k: (r.scheduler, r.lora, r.eta) for k, r in recipe.recipes.items()}
+    assert by_k == {
+        1: ("TCDScheduler", None, 1.0),
+        2: ("DDIMScheduler", "lora/2step", None),
+        4: ("DDIMScheduler", "lora/4step", None),
+        8: ("TCDScheduler", None, 1.0),
+    }
+    assert recipe.recipes[8].scheduler_kwargs == {"original_inference_steps": 40}
+    assert recipe.recipes[2].scheduler_kwargs["timestep_spacing"] == "trailing"
+    assert recipe.step_counts == [1, 2, 4, 8]
+    lcm = linear_method(segments=(1,)).recipe({"num_train_timesteps": 1000})  # one segment: TCD everywhere
+    assert {r.scheduler for r in lcm.recipes.values()} == {"TCDScheduler"} and lcm.recipes[4].lora is None
+
+
+@pytest.mark.parametrize("stop", [4, 5])
+def test_resume_across_a_stage_switch_is_exact(tmp_path, stop):
+    """The stage is a function of the step, so a resumed run replays the uninterrupted one (LoRA-style target),
+    kept stage weights included, also when the checkpoint falls exactly on a stage's end (step 4)."""
+    full = gmm_stage_run(tmp_path / "a", 10)
+    gmm_stage_run(tmp_path / "b", stop, checkpointing_steps=stop)
+    resumed = gmm_stage_run(tmp_path / "b", 10, checkpointing_steps=stop, resume_from_checkpoint="latest")
+    for n, p in full.student.named_parameters():
+        torch.testing.assert_close(dict(resumed.student.named_parameters())[n], p, atol=1e-6, rtol=0)
+    assert sorted(resumed.stage_weights) == sorted(full.stage_weights) == [2, 4]
+    for k in full.stage_weights:
+        for n, w in full.stage_weights[k].items():
+            torch.testing.assert_close(resumed.stage_weights[k][n], w, atol=1e-6, rtol=0)
+    fresh, _ = gmm_stage_method()  # save / load of the method state alone
+    fresh.load_extra_state(full.extra_state())
+    assert fresh.final_segments == 1 and sorted(fresh.stage_weights) == [2, 4]
+    assert all(torch.equal(fresh.stage_weights[4][n], w) for n, w in full.stage_weights[4].items())
 
 
 # --- memory modes on a tiny SD1.5 teacher ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from .method import (
     TSCD,
     TSCDConfig,
+    check_segment_edges,
     edge_of,
     prev_timesteps,
     segment_edges,
@@ -14,6 +15,7 @@ from .method import (
 __all__ = [
     "TSCD",
     "TSCDConfig",
+    "check_segment_edges",
     "edge_of",
     "prev_timesteps",
     "segment_edges",
