@@ -177,6 +177,8 @@ def load_checkpoint_method(checkpoint: str | Path, teacher: str | None = None, e
         load_group_tensors(
             [g for g in groups if any(k.startswith(f"{g.name}/") for k in tensors)], tensors, checkpoint
         )
+    if (checkpoint / "method_state.safetensors").is_file():  # e.g. TSCD's finished stages' LoRAs
+        method.load_extra_state(load_file(str(checkpoint / "method_state.safetensors")))
     method.eval()
     return method, t, cfg
 

@@ -33,14 +33,17 @@ push that fades once its classes are apart, where teacher CFG keeps climbing p(c
 share (stationary point: s_q(x|c) = s_q(x) + (s_p(x|c) - s_q(x)) / κ). λ <= -1 (κ <= 0 with a conditional fake)
 has no such point (κ < 0: an anti-guided one) and diverged on the analytic teacher, hence the range.
 
-Prompt dropout (``prompt_dropout_mode``): f_ψ(·|∅) must be the score of what the generator makes for the empty
-prompt, so that f_ψ^κ extrapolates from the generator's own unconditional distribution.
-    reference  (default, as SiD-LSG's training loop) the dropped rows' prompts are emptied *before* the generator
-               samples: x = G(z, ∅) and the fake trains on (x, ∅) for them. Only when the fake score's ∅ output is
-               used, i.e. some of κ1, κ2, κ3 is not 1 (the reference drops when κ1 ≠ 1 or κ2 = κ3 ≠ 1; κ4 plays no
-               part): LSG with κ1 = κ2 = κ3 = 1 trains the fake on every prompt.
+Prompt dropout (``prompt_dropout_mode``): what the fake score's empty-prompt output f_ψ(·|∅) learns.
+    reference  (SiD-LSG's training loop) the dropped rows' prompts are emptied *before* the generator samples:
+               x = G(z, ∅) and the fake trains on (x, ∅) for them, so f_ψ(·|∅) is the score of the generator's
+               output for the empty prompt (which the generator loss never trains: it moves only through the
+               weights it shares with the prompted generator). Only when the fake score's ∅ output is used, i.e.
+               some of κ1, κ2, κ3 is not 1 (the reference drops when κ1 ≠ 1 or κ2 = κ3 ≠ 1; κ4 plays no part).
     fake_only  the generator samples with the full prompt and only the fake score's condition is emptied, so
-               f_ψ(·|∅) learns the generator's marginal over prompts; drops whenever ``prompt_dropout`` > 0.
+               f_ψ(·|∅) is the score of the generator's marginal over prompts; drops whenever ``prompt_dropout`` > 0.
+    auto       (default) reference for lsg; fake_only for anti_cfg, whose own-posterior guidance (above) needs
+               f_ψ(·|∅) to be the generator's marginal: with ``reference`` it drained the modes that classes share
+               on the analytic teacher, as teacher CFG does.
 The drop mask is drawn from the step's generator (a function of seed, step, rank and micro-batch).
 
 Few-step (``num_steps`` = K > 1): each iteration draws k ~ U{1..K}, the same k on every rank (from a generator
@@ -77,7 +80,7 @@ from .critic import CriticMethod, gan_wanted, student_and_fake
 from .registry import register
 
 GUIDANCE = ("cfg", "lsg", "zero_cfg", "anti_cfg")
-DROPOUT_MODES = ("reference", "fake_only")
+DROPOUT_MODES = ("auto", "reference", "fake_only")
 WEIGHTINGS = ("mean_abs", "snr")
 
 
@@ -104,7 +107,9 @@ class SiDConfig:
     lsg_scales: list[float] | None = None  # lsg: explicit [κ1, κ2, κ3, κ4] instead of guidance_scale
     anti_cfg_scale: float = -0.5  # anti_cfg: λ in (-1, 0); the fake score is f(c) + λ (f(c) - f(∅))
     prompt_dropout: float = 0.1  # lsg / anti_cfg: empty-prompt rate while training the fake score
-    prompt_dropout_mode: str = "reference"  # reference: G samples the dropped rows with ∅ too | fake_only
+    prompt_dropout_mode: str = (
+        "auto"  # reference | fake_only | auto: reference for lsg, fake_only for anti_cfg
+    )
     weighting: str = "mean_abs"  # mean_abs: 1 / mean|x - y_r| per sample (reference) | snr: sqrt(1 + SNR(t))
     num_steps: int = 1  # K: the generator learns the uniform mixture of its 1..K-step outputs
     init_timestep: int = 625  # t of the first generator step (input: pure noise); few-step: 999
@@ -138,21 +143,23 @@ def guidance_plan(cfg: SiDConfig) -> GuidancePlan:
         scales = [cfg.guidance_scale] * 4 if cfg.lsg_scales is None else list(cfg.lsg_scales)
         if len(scales) != 4:
             raise ValueError(f"sid.lsg_scales must list [κ1, κ2, κ3, κ4], got {scales}")
-        return _with_dropout(cfg, *map(float, scales))
+        return _with_dropout(cfg, "reference", *map(float, scales))
     if cfg.guidance == "zero_cfg":
         return GuidancePlan(0.0, 0.0, 0.0, 1.0, 0.0)
     if cfg.guidance == "anti_cfg":
         if not -1 < cfg.anti_cfg_scale < 0:
             raise ValueError(f"sid.anti_cfg_scale must be in (-1, 0) (Anti-CFG), got {cfg.anti_cfg_scale}")
         kappa = 1.0 + float(cfg.anti_cfg_scale)  # f(c) + λ (f(c) - f(∅)) = f(∅) + (1 + λ) (f(c) - f(∅))
-        return _with_dropout(cfg, 1.0, kappa, kappa, 1.0)
+        return _with_dropout(cfg, "fake_only", 1.0, kappa, kappa, 1.0)
     raise ValueError(f"sid.guidance must be one of {', '.join(GUIDANCE)}, got {cfg.guidance!r}")
 
 
 def _with_dropout(
-    cfg: SiDConfig, fake_train: float, fake: float, fake_alpha: float, real: float
+    cfg: SiDConfig, auto: str, fake_train: float, fake: float, fake_alpha: float, real: float
 ) -> GuidancePlan:
-    if cfg.prompt_dropout_mode == "fake_only":
+    """The plan with the prompt dropout of ``cfg.prompt_dropout_mode`` (``auto`` resolves to ``auto``)."""
+    mode = auto if cfg.prompt_dropout_mode == "auto" else cfg.prompt_dropout_mode
+    if mode == "fake_only":
         return GuidancePlan(fake_train, fake, fake_alpha, real, cfg.prompt_dropout)
     uses_fake_uncond = any(k != 1 for k in (fake_train, fake, fake_alpha))
     rate = cfg.prompt_dropout if uses_fake_uncond else 0.0

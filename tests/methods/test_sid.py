@@ -341,7 +341,11 @@ def _critic_prompts(n=4000, steps=(0,), **changes):
 
 @pytest.mark.parametrize(
     "guidance, extra",
-    [("lsg", {"guidance_scale": 2.0}), ("lsg", {"lsg_scales": [1.0, 1.5, 1.0, 3.0]}), ("anti_cfg", {})],
+    [
+        ("lsg", {"guidance_scale": 2.0}),
+        ("lsg", {"lsg_scales": [1.0, 1.5, 1.0, 3.0]}),
+        ("anti_cfg", {"prompt_dropout_mode": "reference"}),
+    ],
 )
 def test_reference_dropout_empties_the_prompt_before_the_generator_samples(guidance, extra):
     """SiD-LSG's loop: a dropped row is sampled by G with ∅ and the fake score trains on it with ∅."""
@@ -350,12 +354,21 @@ def test_reference_dropout_empties_the_prompt_before_the_generator_samples(guida
     assert (sampled == -1).float().mean().item() == pytest.approx(0.1, abs=0.015)
 
 
-def test_fake_only_dropout_samples_with_the_full_prompt():
-    ((sampled, trained),) = _critic_prompts(
-        guidance="lsg", guidance_scale=2.0, prompt_dropout_mode="fake_only"
-    )
+@pytest.mark.parametrize(
+    "guidance, extra",
+    [("lsg", {"guidance_scale": 2.0, "prompt_dropout_mode": "fake_only"}), ("anti_cfg", {})],
+)
+def test_fake_only_dropout_samples_with_the_full_prompt(guidance, extra):
+    """The other mode (and Anti-CFG's default): f_ψ(·|∅) learns the generator's marginal over prompts."""
+    ((sampled, trained),) = _critic_prompts(guidance=guidance, **extra)
     assert (sampled == 0).all()
     assert (trained == -1).float().mean().item() == pytest.approx(0.1, abs=0.015)
+
+
+def test_auto_dropout_mode_is_reference_for_lsg_and_fake_only_for_anti_cfg():
+    assert guidance_plan(SiDConfig(guidance="lsg")).sample_dropped
+    assert not guidance_plan(SiDConfig(guidance="anti_cfg")).sample_dropped
+    assert SiDConfig().prompt_dropout_mode == "auto"
 
 
 @pytest.mark.parametrize("scales", [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 4.5]])
