@@ -177,6 +177,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         rows = _read_jsonl(self.root / "metadata.jsonl")
         self.image_column, self.caption_column = image_column, None
         self._items: list[tuple[str, Path, Any]] = []
+        self._rows = [row for _, row in rows]
         if not rows:
             return
         self.caption_column = self._pick_caption_column(list(rows[0][1]), caption_column)
@@ -216,6 +217,21 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._hf) if self._hf is not None else len(self._items)
+
+    def captions(self) -> list[str]:
+        """Every item's caption, in item order, without decoding an image."""
+        if self._hf is not None:
+            return [str(c or "") for c in self._hf[self.caption_column]]
+        return [str(c or "") for _, _, c in self._items]
+
+    def column(self, name: str) -> list:
+        """Every item's value of a metadata column (a saved dataset's column or a ``metadata.jsonl`` key)."""
+        rows = self._hf.column_names if self._hf is not None else getattr(self, "_rows", None)
+        if self._hf is not None and name in rows:
+            return list(self._hf[name])
+        if rows is not None and self._hf is None and rows and all(name in r for r in rows):
+            return [r[name] for r in rows]
+        raise ValueError(f"{self.root}: no column {name!r} in every item's metadata")
 
     def _raw(self, i: int) -> tuple[str, Any, Any]:
         """``(display_name, image_source, caption)`` for item ``i``, without decoding the image."""
@@ -340,6 +356,14 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"pixel_values": self.images[i], "prompt": self._prompt(i)}
+
+    def captions(self) -> list[str]:
+        return [self._prompt(i) for i in range(len(self))]
+
+    def column(self, name: str) -> list:
+        if name != "label":
+            raise ValueError(f"builtin:digits has the column 'label' only, not {name!r}")
+        return [int(v) for v in self.labels]
 
 
 def open_dataset(spec: str, resolution: int):

@@ -87,6 +87,9 @@ def export(
         else:
             pipe.unet.load_state_dict({k: v.float() for k, v in student.unet.state_dict().items()})
         pipe.scheduler = make_scheduler(pipe.scheduler.config, recipe.scheduler, recipe.scheduler_kwargs)
+    for name, extra in method.exported_loras().items():  # e.g. MSD's students, each a LoRA of its own
+        shutil.rmtree(out / "lora" / name, ignore_errors=True)
+        save_lora(out / "lora" / name, extra.unet, extra.adapter, type(pipe))
     shutil.rmtree(out / "pipeline", ignore_errors=True)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     pipe = load_pipeline(out / "pipeline", use_safetensors=True)  # check what was written, not the copy

@@ -8,8 +8,16 @@ _adapter_guidance = pipeline_module("adapter_guidance")
 StableDiffusionAdapterGuidancePipeline = _adapter_guidance.StableDiffusionAdapterGuidancePipeline
 StableDiffusionXLAdapterGuidancePipeline = _adapter_guidance.StableDiffusionXLAdapterGuidancePipeline
 
+_multi_student = pipeline_module("multi_student")
+StableDiffusionMultiStudentPipeline = _multi_student.StableDiffusionMultiStudentPipeline
+StableDiffusionXLMultiStudentPipeline = _multi_student.StableDiffusionXLMultiStudentPipeline
+StudentRouter = _multi_student.StudentRouter
+
 __all__ = [
     "GuidanceAdapters",
     "StableDiffusionAdapterGuidancePipeline",
     "StableDiffusionXLAdapterGuidancePipeline",
+    "StableDiffusionMultiStudentPipeline",
+    "StableDiffusionXLMultiStudentPipeline",
+    "StudentRouter",
 ]

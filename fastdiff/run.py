@@ -16,8 +16,11 @@ logger = logging.getLogger("fastdiff")
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def make_batch_fn(cfg: TrainConfig, teacher, resolution: int, prompts, dataset, rank: int, world_size: int):
-    """``batch_fn(step, micro, generator)``: the batch of one micro-step, a pure function of its arguments."""
+def make_batch_fn(
+    cfg: TrainConfig, teacher, resolution: int, prompts, dataset, rank: int, world_size: int, indices=None
+):
+    """``batch_fn(step, micro, generator)``: the batch of one micro-step, a pure function of its arguments.
+    ``indices(step, micro)`` chooses its items (a method's ``batch_indices``); default: shuffled epochs."""
     from .data import sample_indices
 
     n_items = len(dataset) if dataset is not None else len(prompts)
@@ -37,7 +40,12 @@ def make_batch_fn(cfg: TrainConfig, teacher, resolution: int, prompts, dataset, 
         return teacher.sample_latents(mean, std, generator=generator)
 
     def batch_fn(step: int, micro: int, generator: torch.Generator) -> dict:
-        idx = sample_indices(n_items, cfg.train_batch_size, step * accum + micro, cfg.seed, rank, world_size)
+        if indices is not None:
+            idx = list(indices(step, micro))
+        else:
+            idx = sample_indices(
+                n_items, cfg.train_batch_size, step * accum + micro, cfg.seed, rank, world_size
+            )
         real = None
         if dataset is not None:
             items = [dataset[i] for i in idx]
@@ -45,7 +53,7 @@ def make_batch_fn(cfg: TrainConfig, teacher, resolution: int, prompts, dataset, 
             real = real_latents(idx, items, generator)
         else:
             texts = [prompts[i] for i in idx]
-        return {"cond": teacher.encode(texts, resolution), "real": real, "prompts": texts}
+        return {"cond": teacher.encode(texts, resolution), "real": real, "prompts": texts, "indices": idx}
 
     return batch_fn
 
@@ -130,7 +138,14 @@ def train(cfg: TrainConfig) -> Path:
     ctx.prepared = method_cls.prepare(ctx)  # the method's stage before training, if it has one
     method = method_cls.build(ctx)
     batch_fn = method.batch_source(ctx) or make_batch_fn(
-        cfg, teacher, ctx.resolution, ctx.prompts, ctx.dataset, ctx.rank, ctx.world_size
+        cfg,
+        teacher,
+        ctx.resolution,
+        ctx.prompts,
+        ctx.dataset,
+        ctx.rank,
+        ctx.world_size,
+        method.batch_indices(ctx),
     )
     validate = make_validate_fn(cfg, method, teacher, ctx.resolution, ctx.latent_shape, accelerator)
     trainer = Trainer(method, cfg, batch_fn, validate, to_dict(cfg), accelerator)

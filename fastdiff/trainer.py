@@ -1,6 +1,6 @@
 """The training loop on accelerate. It knows parameter groups, not algorithms.
 
-Per iteration, each group whose ``interval`` divides the step computes its loss (over gradient-accumulation
+Per iteration, each group due at the step (``Group.updates_at``) computes its loss (over gradient-accumulation
 micro-batches), has its gradients averaged across ranks, clipped, and applied by its own optimizer. All randomness
 of a step comes from a generator seeded by (seed, step, rank, group, micro-batch), so a resumed run replays the
 uninterrupted one exactly. Gradients are averaged with one flattened all-reduce per group instead of DDP: methods
@@ -124,7 +124,7 @@ class Trainer:
             warmup = (
                 g.warmup_steps * acc.num_processes
             )  # accelerate steps a prepared scheduler once per process
-            updates = -(-cfg.max_steps // g.interval) * acc.num_processes  # this group's scheduler steps
+            updates = g.num_updates(cfg.max_steps) * acc.num_processes  # this group's scheduler steps
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s, w=warmup, n=updates, kind=g.lr_schedule: lr_factor(s, w, n, kind)
             )
@@ -197,10 +197,10 @@ class Trainer:
         bar.close()
 
     def train_step(self) -> dict[str, float]:
-        """One iteration: every group whose interval divides the step is updated, then the step advances.
+        """One iteration: every group due at this step (``Group.updates_at``) is updated, then the step advances.
         Returns the latest loss terms (checkpointing, validation and logging are ``fit``'s)."""
         for gi, group in enumerate(self.groups):
-            if self.step % group.interval == 0:
+            if group.updates_at(self.step):
                 self._update(gi, group)
         self.step += 1
         return dict(self.last_terms)

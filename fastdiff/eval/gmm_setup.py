@@ -17,9 +17,9 @@ from ..trainer import Trainer, make_accelerator
 NUM_CLASSES, MODES_PER_CLASS, DIM, STD = 4, 2, 2, 0.3
 
 
-def paired_gmm() -> GMM:
-    """K = 8 modes on a circle, neighbours 8 std apart; class c owns the neighbouring modes 2c and 2c+1."""
-    K = NUM_CLASSES * MODES_PER_CLASS
+def paired_gmm(num_classes: int = NUM_CLASSES) -> GMM:
+    """2 x num_classes modes on a circle, neighbours 8 std apart; class c owns the neighbouring modes 2c and 2c+1."""
+    K = num_classes * MODES_PER_CLASS
     radius = 8 * STD / (2 * math.sin(math.pi / K))
     angle = 2 * math.pi * torch.arange(K, dtype=torch.float32) / K
     means = torch.stack([radius * angle.cos(), radius * angle.sin()], dim=1)

@@ -15,13 +15,16 @@ class Group:
     """A named set of parameters with its own optimizer, learning rate and update interval.
 
     The two-time-scale rule is just intervals: DMD2's ``generator`` group has ``interval=5`` and its ``critic``
-    group ``interval=1``. Within an iteration groups are updated in the order ``Method.groups()`` lists them.
+    group ``interval=1``. ``active`` replaces the interval where a schedule is not periodic from step 0 (e.g. MSD's
+    students taking turns, or a phase that trains one group alone): the group is updated at step s when
+    ``active(s)``. Within an iteration groups are updated in the order ``Method.groups()`` lists them.
     """
 
     name: str
     params: dict[str, nn.Parameter]  # stable names: they key the checkpoint files
     lr: float
     interval: int = 1
+    active: Callable[[int], bool] | None = None  # the steps it is updated at (default: step % interval == 0)
     optimizer: str = "adamw"  # adamw | adamw8bit (see fastdiff.trainer.make_optimizer)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -30,6 +33,16 @@ class Group:
     max_grad_norm: float | None = None
     ema_decay: float | None = None
     lr_schedule: str = "constant"  # after the warm-up: constant | cosine (to 0 at max_steps)
+
+    def updates_at(self, step: int) -> bool:
+        """Whether the group is updated at ``step``."""
+        return self.active(step) if self.active is not None else step % self.interval == 0
+
+    def num_updates(self, max_steps: int) -> int:
+        """How many updates the group gets in ``max_steps`` iterations (its lr schedule's length)."""
+        if self.active is None:
+            return -(-max_steps // self.interval)
+        return sum(1 for s in range(max_steps) if self.active(s))
 
 
 @dataclass
@@ -82,7 +95,8 @@ class Method(nn.Module):
     - training: ``groups()`` and ``loss(group, batch, step, generator)``, ``extra_state`` for resume;
     - sampling and export: ``generate`` (the student's sampler), ``exported_student()`` (the weights to export),
       ``recipe(scheduler_config)`` (how the export samples: ``fastdiff.recipe.Recipe``), and optionally
-      ``export_pipeline`` / ``model_card`` where the method needs its own pipeline class.
+      ``export_pipeline`` / ``model_card`` where the method needs its own pipeline class and ``exported_loras``
+      (more LoRA adapters to ship as ``lora/<name>/``).
 
     Methods hold networks and math only: no file paths, no accelerate, no I/O (stages may do I/O).
     """
@@ -107,6 +121,12 @@ class Method(nn.Module):
 
     def batch_source(self, ctx: RunContext) -> Callable | None:
         """``batch_fn(step, micro, generator) -> dict`` when the method brings its own batches, else None."""
+        return None
+
+    def batch_indices(self, ctx: RunContext) -> Callable | None:
+        """``indices(step, micro) -> list[int]``, which training items (dataset rows or prompt lines) this rank's
+        micro-batch holds, when the method chooses them (e.g. MSD: one student's partition); None: the run's
+        shuffled epochs. The standard batches carry them as ``batch["indices"]``."""
         return None
 
     # --- training ---------------------------------------------------------------------------------------------
@@ -143,6 +163,10 @@ class Method(nn.Module):
     def exported_student(self) -> ExportedStudent:
         """The student's weights as a diffusers model (the standard pipeline export writes them)."""
         raise NotImplementedError
+
+    def exported_loras(self) -> dict[str, ExportedStudent]:
+        """More LoRA adapters to export, each as ``lora/<name>/`` in both formats (e.g. MSD's students)."""
+        return {}
 
     def recipe(self, scheduler_config: dict):
         """How the export samples (``fastdiff.recipe.Recipe``), given the teacher's scheduler config."""

@@ -159,8 +159,6 @@ def student_and_fake(
     Returns:
         ``(generator, generator_params, fake, fake_params)``: two ``UNetDenoiser`` and their trainable parameters.
     """
-    from ..models.lora import add_adapter, named_adapter_parameters
-
     kinds = {"generator": generator, "fake_score": fake_score}
     for key, kind in kinds.items():
         if kind not in ("lora", "full"):
@@ -177,17 +175,23 @@ def student_and_fake(
         for key, kind in kinds.items()
     }
 
-    def make(key: str, adapter: str):
-        unet = unets[key]
-        if kinds[key] == "full":
-            unet.requires_grad_(True)
-            return teacher.denoiser(unet), dict(unet.named_parameters())
-        add_adapter(unet, adapter, rank, alpha)
-        return teacher.denoiser(unet, adapter=adapter), named_adapter_parameters(unet, adapter)
-
-    gen, gen_params = make("generator", adapters[0])
-    fake, fake_params = make("fake_score", adapters[1])
+    gen, gen_params = score_network(teacher, unets["generator"], generator, adapters[0], rank, alpha)
+    fake, fake_params = score_network(teacher, unets["fake_score"], fake_score, adapters[1], rank, alpha)
     return gen, gen_params, fake, fake_params
+
+
+def score_network(teacher, unet: nn.Module, kind: str, adapter: str, rank: int, alpha: float):
+    """``unet`` as a trainable denoiser: whole (``"full"``: a copy of the teacher's UNet) or through a new LoRA
+    adapter named ``adapter`` on it (``"lora"``). Returns the ``UNetDenoiser`` and its trainable parameters."""
+    from ..models.lora import add_adapter, named_adapter_parameters
+
+    if kind not in ("lora", "full"):
+        raise ValueError(f"a score network is 'lora' or 'full', not {kind!r}")
+    if kind == "full":
+        unet.requires_grad_(True)
+        return teacher.denoiser(unet), dict(unet.named_parameters())
+    add_adapter(unet, adapter, rank, alpha)
+    return teacher.denoiser(unet, adapter=adapter), named_adapter_parameters(unet, adapter)
 
 
 def gan_wanted(section: str, setting: str, with_real_data: bool) -> bool:

@@ -22,6 +22,7 @@ phases, so the regression runs at the generator group's lr and interval (a group
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from ..models.denoiser import CFG, Denoiser
 from ..recipe import Recipe, derive_scheduler
 from . import ode_pairs, student
 from .base import Group, RunContext, optimizer_settings, randint, randn
-from .critic import CriticMethod, gan_wanted, student_and_fake
+from .critic import CriticMethod, gan_wanted, score_network, student_and_fake
 from .registry import register
 
 INITS = ("teacher", "regression")
@@ -290,14 +291,33 @@ class DMD2(CriticMethod):
 
     @classmethod
     def from_teacher(
-        cls, teacher, cfg: DMD2Config, latent_shape, with_gan: bool, regression=None, lpips=None
+        cls,
+        teacher,
+        cfg: DMD2Config,
+        latent_shape,
+        with_gan: bool,
+        regression=None,
+        lpips=None,
+        adapters: tuple[str, str] = ("student", "fake"),
+        generator=None,
+        section: str = "dmd2",
     ) -> DMD2:
-        """Build generator / fake score as full UNet copies or LoRA adapters (``critic.student_and_fake``)."""
+        """Build generator / fake score as full UNet copies or LoRA adapters named ``adapters``
+        (``critic.student_and_fake``). ``generator``: a ``(denoiser, params)`` pair to train instead of a network
+        initialised from the teacher (e.g. a smaller UNet); the fake score is then built alone."""
         from ..models.heads import unet_discriminator_head
 
-        generator, gen_params, fake, fake_params = student_and_fake(
-            teacher, cfg.generator, cfg.fake_score, cfg.shared_base, cfg.lora_rank, cfg.lora_alpha, "dmd2"
-        )
+        if generator is None:
+            generator, gen_params, fake, fake_params = student_and_fake(
+                teacher, cfg.generator, cfg.fake_score, cfg.shared_base, cfg.lora_rank, cfg.lora_alpha, section,
+                adapters,
+            )  # fmt: skip
+        else:
+            (generator, gen_params), base = generator, teacher.unet
+            unet = base if cfg.shared_base and cfg.fake_score == "lora" else copy.deepcopy(base).float()
+            fake, fake_params = score_network(
+                teacher, unet, cfg.fake_score, adapters[1], cfg.lora_rank, cfg.lora_alpha
+            )
         real = CFG(
             teacher.denoiser(teacher.unet, adapter=None if cfg.shared_base else "*"),
             cfg.guidance_scale,
