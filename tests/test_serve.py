@@ -552,3 +552,108 @@ def test_bench_serve_tables_from_samples():
     s = summarize(rows)
     assert set(s["alternating_p50_overhead"].values()) == {0.1}
     assert set(s["micro_batching_throughput_gain"].values()) == {1.5}
+
+
+MSD_PROMPTS = ["a red square", "a red circle", "a blue sky", "a blue sea", "a green tree"]
+
+
+def make_msd_export(teacher: str, out: Path) -> Path:
+    """A real MSD export of K = 2 one-step LoRA students on ``teacher``, trained 4 steps on five prompts split between
+    them; a generator update every step at a high lr without warm-up, so that the students draw visibly different
+    images (at lr 1e-3 they differ by about 2 levels of 255, too little to tell a misrouted request)."""
+    from fastdiff.config import load_config
+    from fastdiff.run import train
+
+    prompts = out.parent / "msd_prompts.txt"
+    prompts.write_text("\n".join(MSD_PROMPTS))
+    args = [
+        f"teacher={teacher}", f"prompts={prompts}", f"output_dir={out}", "msd.num_students=2", "max_steps=4",
+        "mixed_precision=no", "gradient_checkpointing=false", "msd.dmd2.optim.warmup_steps=0",
+        "msd.dmd2.generator_lr=1e-2", "msd.dmd2.dfake_gen_update_ratio=1", "checkpointing_steps=100",
+        "validation_steps=100",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        train(load_config(REPO / "assets/configs/sdxl_msd_1step.yaml", args))
+    return out
+
+
+@pytest.fixture(scope="module")
+def msd_server(tiny_teachers, tmp_path_factory):
+    """A server over an adapters root holding an MSD export (``students``) and a copy of its recipe claiming
+    whole-UNet students (``whole``, skipped by the startup scan)."""
+    root = tmp_path_factory.mktemp("serve_msd") / "adapters"
+    root.mkdir()
+    export = make_msd_export(tiny_teachers["sdxl"], root / "students")
+    recipe = json.loads((export / "fastdiff.json").read_text())
+    (root / "whole").mkdir()
+    whole = {**recipe, "students": {**recipe["students"], "lora": None}}
+    (root / "whole" / "fastdiff.json").write_text(json.dumps(whole))
+    cfg = config({"base": tiny_teachers["sdxl"], "root": root}, max_adapter_bytes=20_000_000)
+    with running(cfg) as (client, app):
+        yield client, app, export
+
+
+def test_a_multi_student_export_serves_each_prompt_with_its_students_lora(msd_server, tiny_teachers):
+    """Each request is routed by its prompt (training prompts by the table, others by the nearest centroid, as the
+    exported multi-student pipeline routes) and sampled with that student's LoRA: the images equal plain diffusers
+    with lora/student_<k> on the base (and the exported pipeline's), also when requests of both students arrive
+    together, and the response names the student."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from fastdiff.pipelines import StableDiffusionXLMultiStudentPipeline
+
+    client, _, export = msd_server
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["data"]}
+    assert listed["students"]["kind"] == "fastdiff-export"
+    assert listed["students"]["students"]["num_students"] == 2
+    assert listed["students"]["students"]["lora"] == ["lora/student_0", "lora/student_1"]
+
+    ms = StableDiffusionXLMultiStudentPipeline.from_pretrained(export / "pipeline")
+    ms.set_progress_bar_config(disable=True)
+    table = ms.students.config.table
+    first = next(p for p in MSD_PROMPTS if table[p] == 0)
+    second = next(p for p in MSD_PROMPTS if table[p] == 1)
+    novel = "a purple cow on the moon"  # not a training prompt: routed by the centroids
+    prompts = [first, second, novel]
+    expected = ms.route(prompts)
+    assert expected[:2] == [0, 1]
+
+    bodies = [{"prompt": p, "seed": 3, "n": 2, "adapters": [{"name": "students"}]} for p in prompts]
+    alone = [generate(client, **body) for body in bodies]
+    together = concurrently(client, bodies)
+    assert (
+        [r["fastdiff"]["student"] for r in alone] == [r["fastdiff"]["student"] for r in together] == expected
+    )
+    assert (
+        max(r["fastdiff"]["batch_images"] for r in together) > 2
+    )  # requests were batched (one student each)
+    assert alone[0]["fastdiff"]["num_inference_steps"] == 1 and alone[0]["fastdiff"]["guidance_scale"] == 0.0
+
+    refs = {}
+    for k in (0, 1):
+        pipe = DiffusionPipeline.from_pretrained(tiny_teachers["sdxl"])
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(export / f"lora/student_{k}", adapter_name="student")
+        pipe.scheduler = DDIMScheduler.from_pretrained(export / "pipeline", subfolder="scheduler")
+        for p in prompts:
+            images = pipe([p, p], num_inference_steps=1, guidance_scale=0.0, output_type="np",
+                          generator=[torch.Generator().manual_seed(3 + i) for i in range(2)]).images  # fmt: skip
+            refs[p, k] = [(img * 255).round().astype(int) for img in images]
+    theirs = ms(prompts, num_inference_steps=1, guidance_scale=0.0, output_type="np",
+                generator=[torch.Generator().manual_seed(3) for _ in prompts]).images  # fmt: skip
+    for p, k, a, b, mine in zip(prompts, expected, alone, together, theirs):
+        for served in (a, b):
+            for i, img in enumerate(pixels(served)):
+                assert np.abs(img - refs[p, k][i]).max() <= 1, (p, k, i)
+        assert np.abs(pixels(a)[0] - (mine * 255).round().astype(int)).max() <= 1, p
+        assert np.abs(refs[p, k][0] - refs[p, 1 - k][0]).max() > 5, p  # the other student draws another image
+
+
+def test_a_multi_student_export_of_whole_unets_is_refused(msd_server):
+    client, _, _ = msd_server
+    skipped = client.get("/v1/adapters").json()["skipped"]
+    assert any(s["path"].endswith("whole") and "whole UNets" in s["error"] for s in skipped)
+    r = client.post("/v1/adapters", json={"path": "whole"})
+    assert r.status_code == 400, r.text
+    assert "whole UNets, not LoRAs" in r.text and "serve its pipeline/ as --base" in r.text

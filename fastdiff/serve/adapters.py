@@ -9,6 +9,11 @@ A fastdiff export (a folder with ``fastdiff.json`` and ``lora/``) carries its sa
 timesteps, guidance and LoRA scale, and per step count possibly a LoRA of its own (``lora/<k>step/``, checked at
 registration like the main one). ``sampling_for`` turns it, and a request's overrides, into a ``Sampling``; the
 worker loads the weights ``Adapter.weights_for(sampling.lora)`` names as their own peft adapter.
+
+An export whose recipe has a ``students`` entry (several students, each a LoRA ``lora/student_<k>/``, and a router
+in ``pipeline/students``) carries its ``StudentRouter`` (fastdiff's own class; no code from the folder runs): every
+request is routed by its prompt (``Adapter.students``, ``Worker.student_for``) and sampled with that student's
+LoRA, one of the adapter's ``variants``. Students that are whole UNets cannot be served as adapters.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ class Adapter:
     recipe: dict | None = None  # fastdiff.json of an export
     scheduler_config: dict | None = None  # the export's scheduler (its pipeline/scheduler, or derived)
     variants: dict[str, Path] = field(default_factory=dict)  # an export's per-step LoRA folder -> its weights
+    students: tuple[str, ...] = ()  # a multi-student export: student k's LoRA folder (a key of ``variants``)
+    router: object = None  # ... and its ``StudentRouter`` (routing table and centroids; no weights)
     uid: int = field(default_factory=lambda: next(_UIDS))
 
     @property
@@ -88,6 +95,12 @@ class Adapter:
         if lora is None or lora not in self.variants:
             return self.path, self.internal_name
         return self.variants[lora], f"{self.internal_name}_{re.sub(r'[^A-Za-z0-9]', '_', lora)}"
+
+    def student_lora(self, k: int) -> str:
+        """The LoRA folder (a ``Sampling.lora`` / key of ``variants``) of student ``k`` of a multi-student export."""
+        if not 0 <= k < len(self.students):
+            raise ValueError(f"adapter {self.name!r} has no student {k} (it has {len(self.students)})")
+        return self.students[k]
 
     def describe(self) -> dict:
         out = {
@@ -108,6 +121,14 @@ class Adapter:
                 "guidance_scale": r["guidance_scale"],
                 "lora_scale": r.get("lora_scale"),
                 "step_counts": r.get("step_counts"),
+            }
+        if self.students:
+            info = (self.recipe or {}).get("students") or {}
+            out["students"] = {
+                "num_students": len(self.students),
+                "lora": list(self.students),
+                "partition": info.get("partition"),
+                "sizes": info.get("sizes"),
             }
         return out
 
@@ -296,6 +317,8 @@ class Registry:
             scheduler_class(recipe["scheduler"])
         except (ValueError, OSError) as e:
             raise RequestError(400, f"{folder}: not a usable fastdiff export ({e})") from None
+        if recipe.get("students") is not None:
+            return self._students_entry(name, folder, recipe)
         if not recipe.get("lora"):
             raise RequestError(
                 400,
@@ -318,6 +341,13 @@ class Registry:
                     )
                 self._weights(path)
                 variants[r["lora"]] = path
+        config = self._export_scheduler(folder, recipe)
+        return Adapter(
+            name, weights, fmt, folder, nbytes, recipe=recipe, scheduler_config=config, variants=variants
+        )
+
+    def _export_scheduler(self, folder: Path, recipe: dict) -> dict:
+        """The scheduler config an export samples with (without diffusers' private ``_`` keys)."""
         sched_file = folder / "pipeline" / "scheduler" / "scheduler_config.json"
         if sched_file.is_file():  # the scheduler the export saved (and self-checked)
             config = json.loads(sched_file.read_text())
@@ -326,7 +356,75 @@ class Registry:
                 self.base_scheduler_config, recipe["scheduler"], recipe.get("scheduler_kwargs")
             )
             config = dict(sched.config)
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    def _students_entry(self, name: str, folder: Path, recipe: dict) -> Adapter:
+        """A multi-student export: every student a LoRA (checked like the main LoRA of an export), student 0's the
+        adapter's main weights, and the router that picks one per prompt."""
+        info = recipe["students"]
+        loras = info.get("lora") if isinstance(info, dict) else None
+        if not loras:
+            raise RequestError(
+                400,
+                f"{folder}: this export's students are whole UNets, not LoRAs, so they cannot be served as an "
+                "adapter; serve its pipeline/ as --base instead",
+            )
+        k = info.get("num_students")
+        if not isinstance(loras, list) or not all(isinstance(p, str) for p in loras) or k != len(loras):
+            raise RequestError(
+                400,
+                f"{folder}: {RECIPE_FILE}'s students name {k!r} students but list the LoRA folders {loras!r}",
+            )
+        inside = folder.resolve()
+        variants = {}
+        for i, lora in enumerate(loras):
+            path = (folder / lora / DIFFUSERS_WEIGHT_NAME).resolve()
+            if not path.is_relative_to(inside):
+                raise RequestError(
+                    400, f"{folder}: {RECIPE_FILE} points student {i}'s LoRA outside the export ({lora})"
+                )
+            self._weights(path)
+            variants[lora] = path
+        fmt, nbytes = self._weights(variants[loras[0]])
+        router = self._load_router(folder, info.get("router") or "pipeline/students", len(loras))
         return Adapter(
-            name, weights, fmt, folder, nbytes, recipe=recipe, scheduler_config=config, variants=variants
+            name,
+            variants[loras[0]],
+            fmt,
+            folder,
+            nbytes,
+            recipe=recipe,
+            scheduler_config=self._export_scheduler(folder, recipe),
+            variants=variants,
+            students=tuple(loras),
+            router=router,
         )
+
+    @staticmethod
+    def _load_router(folder: Path, subfolder: str, num_students: int):
+        """The export's ``StudentRouter`` (fastdiff's copy of the class: the folder's own .py files never run),
+        without the students' weights (the adapter serves them from ``lora/``): only its table and centroids."""
+        from ..paths import pipeline_module
+
+        path = (folder / subfolder).resolve()
+        if not path.is_relative_to(folder.resolve()) or not (path / "config.json").is_file():
+            raise RequestError(
+                400,
+                f"{folder}: no student router at {subfolder} (a folder inside the export with config.json)",
+            )
+        try:
+            router = pipeline_module("multi_student").StudentRouter.from_pretrained(
+                path, use_safetensors=True, local_files_only=True
+            )
+        except Exception as e:  # a malformed router folder
+            raise RequestError(
+                400, f"{folder}: the student router {subfolder} does not load ({type(e).__name__}: {e})"
+            ) from None
+        if router.config.kind != "lora" or router.config.num_students != num_students:
+            raise RequestError(
+                400,
+                f"{folder}: the router {subfolder} holds {router.config.num_students} students of kind "
+                f"{router.config.kind!r}; {RECIPE_FILE} lists {num_students} LoRA students",
+            )
+        router.lora_weights = [None] * num_students  # routing needs the table and the centroids only
+        return router.eval()

@@ -7,6 +7,9 @@ Endpoints:
   ``DELETE /v1/adapters/{name}``.
 - ``GET /healthz`` (never needs the token), ``GET /metrics`` (Prometheus text).
 
+A request naming a multi-student export (its recipe's ``students``) is routed by its prompt to one student, whose
+LoRA serves all its images; the response's ``fastdiff.student`` says which (null for other requests).
+
 Statuses: 401 missing/wrong bearer token; 404 unknown adapter; 409 adapter name taken; 400 a path or file that
 cannot be registered; 413 request body or adapter file over the limit; 422 a field out of range or malformed;
 503 queue full; 500 a generation that failed (the server keeps serving).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import io
 import logging
@@ -303,9 +307,27 @@ def create_app(config: ServeConfig, pipe=None):
             out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
         return out
 
+    async def route(key: BatchKey, prompt: str) -> tuple[BatchKey, int | None]:
+        """A multi-student export's request: the student serving ``prompt`` (routed on the worker thread) and
+        the key sampling with its LoRA, so a micro-batch never mixes two students."""
+        adapter = next((a for a, _ in key.adapters if a.students), None)
+        if adapter is None:
+            return key, None
+        if not worker.is_alive():
+            raise HTTPException(503, "the inference worker is not running", {"Retry-After": "1"})
+        try:
+            student = await asyncio.wrap_future(worker.student_for(adapter, prompt))
+        except Exception as e:
+            raise HTTPException(
+                500, f"routing to a student of {adapter.name!r} failed: {type(e).__name__}: {e}"
+            ) from None
+        sampling = dataclasses.replace(key.sampling, lora=adapter.student_lora(student))
+        return dataclasses.replace(key, sampling=sampling), student
+
     @app.post("/v1/images/generations", dependencies=[Depends(auth)])
     async def generations(req: GenerationRequest):
         key, seed = plan(req)
+        key, student = await route(key, req.prompt)
         job = Job(key, req.prompt, req.negative_prompt, req.n, seed)
         try:
             future = worker.submit(job)
@@ -329,6 +351,7 @@ def create_app(config: ServeConfig, pipe=None):
                 "size": f"{key.width}x{key.height}",
                 "seed": seed,
                 "batch_images": job.batch_images,
+                "student": student,
             },
         }
 

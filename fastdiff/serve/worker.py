@@ -10,7 +10,9 @@ layer (peft's mixed-adapter batches, ``adapter_names``), the base layers run onc
 Adapters load lazily (``load_lora_weights(adapter_name=...)``) into an LRU cache of ``cache_size`` adapters; a
 switch sets the active adapters and their scales on weights already in memory (``_switch``), never a reload of
 the base. An export with a LoRA of its own for some step counts has one cache entry per LoRA it was used with
-(``Adapter.weights_for(sampling.lora)``): a batch at such a count runs that LoRA's weights.
+(``Adapter.weights_for(sampling.lora)``): a batch at such a count runs that LoRA's weights. A multi-student
+export's students are such LoRAs: ``student_for`` routes a prompt (on this thread, with the pipeline's text
+encoders) before the request is keyed, so a batch only ever holds the requests of one student.
 """
 
 from __future__ import annotations
@@ -158,12 +160,27 @@ class Worker(threading.Thread):
             self._in_flight -= 1
 
     def call(self, fn: Callable, wait: bool = True):
-        """Run ``fn(pipe)`` on the worker thread between batches; return its result (``wait``) or at once."""
+        """Run ``fn(pipe)`` on the worker thread between batches; return its result (``wait``) or at once a
+        Future of it."""
         if threading.current_thread() is self or not self.is_alive():
-            return fn(self.pipe)
+            if wait:
+                return fn(self.pipe)
+            future = Future()
+            try:
+                future.set_result(fn(self.pipe))
+            except Exception as e:
+                future.set_exception(e)
+            return future
         future: Future = Future()
         self._queue.put((fn, future))
-        return future.result() if wait else None
+        return future.result() if wait else future
+
+    def student_for(self, adapter: Adapter, prompt: str) -> Future:
+        """A Future of the student of multi-student ``adapter`` that serves ``prompt``: the router's table entry of
+        the prompt, else the student of the nearest centroid to its routing embedding (the pooled text embedding,
+        SDXL, or the mean of the prompt embeddings, SD), from this pipeline's ``encode_prompt`` without CFG, as the
+        export's own pipeline routes. Runs on the worker thread between batches."""
+        return self.call(lambda pipe: self._student_for(adapter, prompt), wait=False)
 
     def stop(self, timeout: float = 30) -> None:
         self._queue.put(_STOP)
@@ -304,6 +321,29 @@ class Worker(threading.Thread):
             job.batch_images = images
             job.future.set_result(out[start : start + job.n])
             start += job.n
+
+    @torch.no_grad()
+    def _student_for(self, adapter: Adapter, prompt: str) -> int:
+        from ..paths import pipeline_module
+
+        router = adapter.router
+        table = router.config.table or {}
+        if prompt in table:  # a training prompt: its student, no need to embed it
+            return table[prompt]
+        if self.active and any(
+            getattr(getattr(self.pipe, c, None), "peft_config", None)
+            for c in ("text_encoder", "text_encoder_2")
+        ):
+            self._use_adapters(())  # route with the base text encoders, not a LoRA's
+        out = self.pipe.encode_prompt(
+            prompt=[prompt],
+            device=self.pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        pooled = out[2] if len(out) == 4 else None  # SDXL: (embeds, negative, pooled, negative pooled)
+        embedding = pipeline_module("multi_student").route_embedding(out[0], pooled)
+        return router.route([prompt], embedding)[0]
 
     def _scheduler(self, sampling: Sampling):
         if sampling.scheduler is None:
