@@ -267,7 +267,11 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
         tol = 0.25 if cfg.mixed_precision == "bf16" else 1e-3
         assert all(d < tol for d in recipe_out["check"].get("max_abs_diff_latents_by_steps", {}).values())
     else:
-        students = {"dmd2": lambda c: c.student_timesteps, "msd": lambda c: c.dmd2.student_timesteps}
+        students = {
+            "dmd2": lambda c: c.student_timesteps,
+            "msd": lambda c: c.dmd2.student_timesteps,
+            "boot": lambda c: [999],  # the one-step generator g(ε, 0) is the UNet at t = 999
+        }
         expected = (
             students[cfg.method](method_cfg) if cfg.method in students else ddim_timesteps(method_cfg.segments[-1])
         ) if cfg.method != "agd" else _agd_timesteps(cfg)  # fmt: skip
