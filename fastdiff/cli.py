@@ -261,9 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=_prepare, defaults=defaults)
 
     p = sub.add_parser("tiny", help="write a tiny random-init pipeline (offline tests, examples)")
-    p.add_argument("--family", choices=["sd15", "sdxl"], default="sdxl")
+    p.add_argument("--family", choices=["sd15", "sdxl", "sd-x4"], default="sdxl")
     p.add_argument("--out", required=True)
-    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    p.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        help="default: the real checkpoint's (epsilon for sd15/sdxl, v_prediction for sd-x4)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_tiny)
     return parser

@@ -125,9 +125,12 @@ class Trainer:
                 g.warmup_steps * acc.num_processes
             )  # accelerate steps a prepared scheduler once per process
             updates = g.num_updates(cfg.max_steps) * acc.num_processes  # this group's scheduler steps
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s, w=warmup, n=updates, kind=g.lr_schedule: lr_factor(s, w, n, kind)
-            )
+            procs = acc.num_processes
+
+            def factor(s, w=warmup, n=updates, kind=g.lr_schedule, phase=g.lr_multiplier, procs=procs):
+                return lr_factor(s, w, n, kind) * (phase(s // procs) if phase is not None else 1.0)
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             opt, sched = acc.prepare(opt, sched)
             self.optimizers.append(opt)
             self.schedulers.append(sched)

@@ -169,3 +169,33 @@ def test_make_optimizer_follows_the_group():
     groups["critic"].optimizer = "sgd"
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         make_optimizer(groups["critic"])
+
+
+def test_a_regression_phase_runs_the_generator_at_its_own_lr(tmp_path):
+    """DMD2's regression phase (``regression_lr``) is a phase of the generator group's lr: its first
+    ceil(regression_steps / ratio) updates run at regression_lr, the later ones at generator_lr."""
+    from fastdiff.methods.dmd2 import DMD2Config
+
+    method = make_method()
+    method.cfg = DMD2Config(
+        student_timesteps=[999], generator_lr=1e-3, fake_lr=1e-3, dfake_gen_update_ratio=3,
+        init="regression", regression_pairs=1, regression_steps=5, regression_lr=4e-3,
+        optim=OptimizerConfig(warmup_steps=0),
+    )  # fmt: skip
+    method.regression_loss = lambda n, g, device: (
+        method.generator(
+            torch.randn(n, 2, generator=g), torch.full((n,), 999), torch.zeros(n, dtype=torch.long)
+        )
+        .square()
+        .mean()
+    )
+    cfg = TrainConfig(teacher="gmm", output_dir=str(tmp_path), max_steps=10, checkpointing_steps=100)
+    trainer = Trainer(method, cfg, batch_fn)
+    lrs = []  # the generator's lr at each of its updates (steps 0, 3, 6, 9)
+    for step in range(10):
+        if step % 3 == 0:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        trainer.train_step()
+    assert lrs == pytest.approx(
+        [4e-3, 4e-3, 1e-3, 1e-3]
+    )  # the regression phase (steps < 5) holds the first two

@@ -33,6 +33,8 @@ class Group:
     max_grad_norm: float | None = None
     ema_decay: float | None = None
     lr_schedule: str = "constant"  # after the warm-up: constant | cosine (to 0 at max_steps)
+    # a factor on lr as a function of the group's update count (0-based), e.g. a phase of its own lr
+    lr_multiplier: Callable[[int], float] | None = None
 
     def updates_at(self, step: int) -> bool:
         """Whether the group is updated at ``step``."""

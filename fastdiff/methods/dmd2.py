@@ -17,7 +17,8 @@ shards), and the generator's updates in the first ``regression_steps`` iteration
 with the fake score trained as usual meanwhile; DMD takes over after. The reference instead pretrains the generator
 in a separate run (10k pairs from a 50-step Euler sampler at CFG 8, LPIPS on tiny-VAE-decoded images, lr 1e-5,
 batch 256 on 64 GPUs, 2,000 iterations) and starts DMD from it with a fresh fake score. Here one run holds both
-phases, so the regression runs at the generator group's lr and interval (a group has one of each per run).
+phases: the regression updates run at ``regression_lr`` (a phase of the generator group's lr schedule) and at the
+generator's interval.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class DMD2Config:
     init: str = "teacher"  # teacher | regression
     regression_pairs: int = 0  # number of teacher ODE pairs (reference SDXL 1-step: 10,000)
     regression_steps: int = 0  # iterations of the regression phase (the generator updates at every ratio-th)
+    regression_lr: float | None = None  # the generator's lr in the regression phase (None: generator_lr)
     regression_sampler_steps: int = 50  # the teacher's DDIM steps per pair (reference: 50 Euler, trailing)
     lpips_model: str | None = None  # local TorchScript LPIPS (file, or folder with lpips.pt); unset: MSE
     pairs: str | None = None  # pair shard folder; default <output_dir>/ode_pairs
@@ -92,12 +94,17 @@ def check_config(cfg: DMD2Config) -> None:
                     "(regression_pairs: how many teacher ODE pairs; regression_steps: iterations of the phase)"
                 )
         return
-    unused = [k for k in ("regression_pairs", "regression_steps") if getattr(cfg, k)]
+    unused = [k for k in ("regression_pairs", "regression_steps", "regression_lr") if getattr(cfg, k)]
     unused += ["lpips_model"] if cfg.lpips_model else []
     if unused:
         raise ValueError(
             f"{', '.join('dmd2.' + k for k in unused)} only apply with dmd2.init=regression (init is {cfg.init!r})"
         )
+
+
+def phase_multiplier(updates: int, factor: float, update: int) -> float:
+    """``factor`` for a group's first ``updates`` updates (a phase with its own lr), 1 after."""
+    return factor if update < updates else 1.0
 
 
 @dataclass
@@ -151,6 +158,10 @@ class DMD2(CriticMethod):
     def groups(self) -> list[Group]:
         c = self.cfg
         common = optimizer_settings(c.optim, "dmd2")
+        phase = None
+        if c.regression_lr is not None:  # the regression phase's generator updates run at their own lr
+            n = -(-c.regression_steps // c.dfake_gen_update_ratio)
+            phase = functools.partial(phase_multiplier, n, c.regression_lr / c.generator_lr)
         return [
             Group(
                 "generator",
@@ -158,6 +169,7 @@ class DMD2(CriticMethod):
                 c.generator_lr,
                 c.dfake_gen_update_ratio,
                 ema_decay=c.ema_decay,
+                lr_multiplier=phase,
                 **common,
             ),
             Group("critic", self.critic.params(), c.fake_lr, 1, **common),

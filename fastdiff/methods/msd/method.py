@@ -19,7 +19,7 @@ for ``tsm_steps`` iterations,
 
     t ~ U[0, T),  x_t = α_t x + σ_t ε,   L_TSM = ||G(x_t, t, c) - sg(x̂_teacher(x_t, t, c))||²
 
-(the teacher without CFG; the critics wait), then DMD2 takes over. Shared-base mode puts all 2K LoRA adapters
+(the teacher without CFG, at ``tsm_lr``; the critics wait), then DMD2 takes over. Shared-base mode puts all 2K LoRA adapters
 (``student_<k>``, ``fake_<k>``) on the one frozen teacher UNet.
 """
 
@@ -35,7 +35,7 @@ from torch import nn
 from ... import schedule
 from ..base import ExportedStudent, Group, Method, RunContext, randint, randn
 from ..critic import gan_wanted
-from ..dmd2 import DMD2, DMD2Config, RegressionData
+from ..dmd2 import DMD2, DMD2Config, RegressionData, phase_multiplier
 from ..dmd2 import check_config as check_dmd2
 from ..registry import register
 from .partition import PARTITIONS, Partition, make_partition
@@ -59,6 +59,7 @@ class MSDConfig:
     schedule: str = "round_robin"  # round_robin | all
     student_width: float = 1.0  # < 1: smaller students with this fraction of every block's channels
     tsm_steps: int = 0  # smaller students: iterations of teacher score matching before DMD2
+    tsm_lr: float = 1e-4  # the generators' lr during teacher score matching (they start from random weights)
     dmd2: DMD2Config = field(default_factory=_student_defaults)
 
 
@@ -169,12 +170,13 @@ class MSD(Method):
         out = []
         for k, s in enumerate(self.students):
             gen, critic = s.groups()
+            due = functools.partial(_generator_due, k, K, T, ratio, every)
+            phase = gen.lr_multiplier
+            if T:  # the generator's updates during teacher score matching run at tsm_lr
+                tsm_updates = sum(1 for step in range(T) if due(step))
+                phase = functools.partial(phase_multiplier, tsm_updates, c.tsm_lr / c.dmd2.generator_lr)
             out.append(
-                dataclasses.replace(
-                    gen,
-                    name=f"student_{k}.generator",
-                    active=functools.partial(_generator_due, k, K, T, ratio, every),
-                )
+                dataclasses.replace(gen, name=f"student_{k}.generator", active=due, lr_multiplier=phase)
             )
             out.append(
                 dataclasses.replace(
