@@ -46,7 +46,9 @@ def test_pair_shapes_and_degradation():
     assert data.bicubic_upscale(pairs.lr).shape == pairs.hr.shape
     # a constant image stays constant through downscale and the bicubic baseline
     flat = torch.full((3, 32, 32), 0.2)
-    assert torch.allclose(data.bicubic_upscale(data.downscale(flat)), data.downscale(flat).mean(), atol=1 / 127.5)
+    assert torch.allclose(
+        data.bicubic_upscale(data.downscale(flat)), data.downscale(flat).mean(), atol=1 / 127.5
+    )
     with pytest.raises(ValueError, match="divisible"):
         data.downscale(torch.zeros(3, 30, 32))
     small = data.grid_pairs("heldout", size=32, stride=16)
@@ -57,7 +59,8 @@ def test_grid_is_deterministic_and_random_crops_follow_the_generator():
     image = torch.arange(3 * 10 * 13, dtype=torch.float32).reshape(3, 10, 13)
     patches = data.grid_patches(image, size=4)
     assert patches.shape == (2 * 3, 3, 4, 4)
-    assert torch.equal(patches[0], image[:, 1:5, 0:4])  # centred grid: 2 rows in 10 (top 1), 3 cols in 13 (left 0)
+    # centred grid: 2 rows of 4 in 10 (top offset 1), 3 columns of 4 in 13 (left offset 0)
+    assert torch.equal(patches[0], image[:, 1:5, 0:4])
     assert data.grid_patches(image, size=11).shape == (0, 3, 11, 11)
     a = data.random_pairs(4, torch.Generator().manual_seed(3))
     b = data.random_pairs(4, torch.Generator().manual_seed(3))

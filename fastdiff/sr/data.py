@@ -95,7 +95,7 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_photo(name: str) -> torch.Tensor:
     source, file = PHOTOS[name]
     if source == "sklearn":
@@ -138,7 +138,9 @@ def downscale(hr: torch.Tensor, scale: int = SCALE) -> torch.Tensor:
     h, w = x.shape[-2:]
     if h % scale or w % scale:
         raise ValueError(f"HR size {h}x{w} is not divisible by the scale {scale}")
-    lr = F.interpolate(x.float(), size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False)
+    lr = F.interpolate(
+        x.float(), size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False
+    )
     lr = _quantize(lr)
     return lr[0] if squeeze else lr
 

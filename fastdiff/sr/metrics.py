@@ -60,7 +60,9 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = DATA_RANGE) -> torch.Tensor:
     """Mean SSIM of single-channel images ``[N, H, W]`` (each side at least the window's 11)."""
     if min(a.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(a.shape[-2:])}")
+        raise ValueError(
+            f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(a.shape[-2:])}"
+        )
     window = gaussian_window().to(a.device)[None, None]
     x, y = a.double()[:, None], b.double()[:, None]
 
@@ -72,7 +74,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = DATA_RANGE) -> to
     var_y = local_mean(y * y) - mu_y**2
     cov_xy = local_mean(x * y) - mu_x * mu_y
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
     return ssim_map.flatten(1).mean(1)
 
 
