@@ -84,6 +84,9 @@ def train(method, section, num_classes: int, steps: int, batch: int, seed: int, 
     def labels(step, micro, g):
         return {"cond": torch.randint(0, num_classes, (batch,), generator=g)}
 
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # an earlier run in this process may have used another precision
     trainer = Trainer(method, run, batch_fn or labels, accelerator=make_accelerator(run))
     trainer.fit()
     trainer.use_ema_weights()

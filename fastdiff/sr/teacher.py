@@ -1,0 +1,644 @@
+"""The bundled SR teacher: a small ``StableDiffusionUpscalePipeline`` (SD x4 upscaler shape) trained from scratch.
+
+``python train/sr_teacher.py --config assets/configs/teacher_sr.yaml --out DIR`` trains, offline on CPU, on the
+bundled photographs' train split (``fastdiff.sr.data``: 64x64 HR crops, LR = ``downscale(HR)``, 16x16) and writes a
+standard pipeline folder that plain diffusers loads and runs as::
+
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(DIR)
+    pipe(prompt="", image=lr_pil, num_inference_steps=20, guidance_scale=0, noise_level=NOISE_LEVEL)
+
+(``NOISE_LEVEL`` is ``noise_level`` of the recipe, stored in ``fastdiff_teacher.json``; 20, the pipeline's default).
+Two trained stages, both seeded and resumable (a batch is a pure function of (seed, stage, step), so a checkpoint is
+weights + EMA + optimizer + step):
+
+1. VAE: an ``AutoencoderKL`` with three blocks (4x down, 4 latent channels) on HR crops: MSE + small KL. The
+   pipeline insists on ``scaling_factor`` 0.08333, so after training the latent space is rescaled exactly (the mean
+   rows of ``quant_conv`` times c, its log-variance biases plus 2 log c, ``post_quant_conv``'s input weights over c)
+   so that 0.08333 x latents have unit standard deviation, as in the real upscaler.
+2. UNet: ``UNet2DConditionModel`` with in_channels 7 (4 latents + 3 LR channels) and the noise level as class label
+   (``num_class_embeds`` 1000), trained exactly as the pipeline samples: the LR image is noised in pixel space by
+   ``low_res_scheduler.add_noise`` at ``noise_level`` and concatenated to the noised latents (same 16x16 size);
+   latents = 0.08333 x a VAE posterior sample of the HR crop; v-prediction on the real upscaler's betas
+   (scaled_linear 0.0001-0.02, 1000 steps); cross-attention to the frozen tiny CLIP text encoder's embedding of the
+   empty prompt (the teacher is conditioned on ""). AdamW, warm-up + cosine, EMA (the EMA is what is saved).
+
+The saved scheduler is ``DDIMScheduler`` with ``timestep_spacing="trailing"`` (20 steps start at t=999).
+``evaluate(folder)`` measures the teacher at 20 steps and bicubic on the held-out grid (``grid_pairs("heldout")``),
+PSNR-Y and SSIM-Y, mean per patch and pooled; the ship rule: ship only if the teacher's PSNR-Y beats bicubic's both
+as a mean per patch and pooled (``ship`` in the result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from ..config import ConfigError, merge_layers
+from .data import PATCH_SIZE, SCALE, bicubic_upscale, from_pil, grid_pairs, random_pairs, to_pil
+from .metrics import psnr, psnr_y, rgb_to_y, ssim_y
+
+STATE_DIR = "_train_state"  # checkpoints inside the output folder; removed when the run completes
+VAE_SCALING = 0.08333  # what StableDiffusionUpscalePipeline insists on
+MAX_NOISE_LEVEL = 350  # the pipeline's max_noise_level (the real upscaler's)
+RESERVE_MINUTES = 3.0  # of SRTeacherConfig.max_minutes, kept for saving and evaluation
+TRAIN_COMMAND = "python train/sr_teacher.py --config assets/configs/teacher_sr.yaml"
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class StageConfig:
+    """Optimisation of one stage (AdamW, linear warm-up then cosine to ``lr_floor`` x lr)."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_floor: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    ema_decay: float | None = None  # EMA of the weights (what is saved); null: the raw weights
+    checkpoint_minutes: float = 5.0
+    log_every: int = 50  # steps between loss records
+
+
+@dataclass
+class VAEConfig(StageConfig):
+    """Stage 1: the autoencoder (64x64 RGB <-> 4x16x16 latents with three blocks)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    kl_weight: float = 1e-6  # times the KL summed over latent elements, per image
+
+
+@dataclass
+class TextConfig:
+    """The frozen random-init CLIP text encoder (it only ever encodes the empty prompt)."""
+
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_hidden_layers: int = 1
+    num_attention_heads: int = 2
+
+
+@dataclass
+class UNetConfig(StageConfig):
+    """Stage 2: the 7-channel UNet on 16x16 latents and its training."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])  # 16x16, 8x8, 4x4
+    cross_attention: list[bool] = field(default_factory=lambda: [False, False, True])  # per level
+    attention_heads: list[int] = field(default_factory=lambda: [2, 4, 4])  # diffusers' `attention_head_dim`
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    noise_level_max: int | None = (
+        None  # null: always the recipe's noise_level; else uniform in [0, max] (SD x4)
+    )
+
+
+@dataclass
+class SRTeacherConfig:
+    """Everything ``train/sr_teacher.py`` needs; ``key=value`` overrides reach sections (``unet.steps=300``)."""
+
+    seed: int = 0
+    num_threads: int = 1
+    patch_size: int = PATCH_SIZE  # HR crop side; LR = patch_size / 4
+    noise_level: int = 20  # the pipeline's noise_level the teacher is trained and meant to run at
+    num_inference_steps: int = 20
+    max_minutes: float | None = None  # wall-time cap of the whole run: the UNet stage stops early (not
+    # reproducible then; stats.unet.stopped_early says so), leaving RESERVE_MINUTES for saving and evaluation
+    evaluate: bool = True  # run evaluate() on the saved folder and store it in fastdiff_teacher.json
+    eval_max_patches: int | None = None  # null: the whole held-out grid
+    vae: VAEConfig = field(
+        default_factory=lambda: VAEConfig(steps=1500, batch_size=32, lr=1e-3, checkpoint_minutes=5.0)
+    )
+    text: TextConfig = field(default_factory=TextConfig)
+    unet: UNetConfig = field(
+        default_factory=lambda: UNetConfig(
+            steps=20000,
+            batch_size=32,
+            lr=5e-4,
+            lr_floor=0.1,
+            warmup_steps=200,
+            weight_decay=0.01,
+            ema_decay=0.999,
+        )
+    )
+
+
+def load_teacher_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> SRTeacherConfig:
+    """Load an SR teacher recipe and apply ``key=value`` overrides; unknown keys raise ConfigError.
+
+    Args:
+        path: YAML file (None: the defaults).
+        overrides: dotted ``key=value`` strings, values typed as YAML reads them.
+    """
+    merged = merge_layers(SRTeacherConfig, path, overrides)
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except Exception as e:
+        raise ConfigError(f"bad config value: {e}") from None
+    if cfg.patch_size % (4 * SCALE):
+        raise ConfigError(f"patch_size must be a multiple of {4 * SCALE}, got {cfg.patch_size}")
+    if not 0 <= cfg.noise_level <= MAX_NOISE_LEVEL:
+        raise ConfigError(f"noise_level must be in [0, {MAX_NOISE_LEVEL}], got {cfg.noise_level}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def build_vae(cfg: VAEConfig, seed: int):
+    """A random-init AutoencoderKL with 4 latent channels, downsampling 2**(levels-1) (4 for three blocks)."""
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.block_out_channels)
+    if 2 ** (n - 1) != SCALE:
+        raise ConfigError(f"vae.block_out_channels needs 3 levels (4x down), got {n}")
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups,
+        latent_channels=4,
+        sample_size=PATCH_SIZE,
+        scaling_factor=VAE_SCALING,
+    )
+
+
+def build_text_encoder(cfg: TextConfig, vocab_size: int, seed: int):
+    """A random-init CLIPTextModel, frozen, eval mode."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config).eval().requires_grad_(False)
+
+
+def build_unet(cfg: UNetConfig, text: TextConfig, seed: int, sample_size: int = PATCH_SIZE // SCALE):
+    """A random-init x4-upscaler UNet: 7 input channels, noise level as class label, cross-attention where asked."""
+    from diffusers import UNet2DConditionModel
+
+    levels = {k: len(getattr(cfg, k)) for k in ("block_out_channels", "cross_attention", "attention_heads")}
+    if len(set(levels.values())) != 1:
+        raise ConfigError(f"unet: the per-level lists must have one entry per level, got lengths {levels}")
+    torch.manual_seed(seed)
+    xattn = list(cfg.cross_attention)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=7,
+        out_channels=4,
+        layers_per_block=cfg.layers_per_block,
+        block_out_channels=tuple(cfg.block_out_channels),
+        norm_num_groups=cfg.norm_num_groups,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in xattn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(xattn)),
+        attention_head_dim=tuple(cfg.attention_heads),  # diffusers reads this as the number of heads
+        cross_attention_dim=text.hidden_size,
+        use_linear_projection=True,
+        num_class_embeds=1000,
+    )
+
+
+def build_scheduler():
+    """The real upscaler's sampling schedule (scaled_linear 0.0001-0.02, v-prediction) as DDIM, trailing spacing."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="trailing",
+    )
+
+
+def build_low_res_scheduler():
+    """The DDPM schedule that noises the low-resolution image (the real upscaler's low_res_scheduler)."""
+    from ..models.tiny import tiny_low_res_scheduler
+
+    return tiny_low_res_scheduler()
+
+
+def assemble_pipeline(vae, text_encoder, unet):
+    """The StableDiffusionUpscalePipeline around the trained parts."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from ..models.tiny import make_tokenizer
+
+    return StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(),
+        unet=unet,
+        low_res_scheduler=build_low_res_scheduler(),
+        scheduler=build_scheduler(),
+        max_noise_level=MAX_NOISE_LEVEL,
+    )
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def rescale_latents(vae, factor: float):
+    """Multiply the VAE's latent space by ``factor`` without changing what it encodes or decodes: posterior mean
+    and std times ``factor`` (``quant_conv``), decoder input divided by it (``post_quant_conv``)."""
+    c = vae.config.latent_channels
+    qc, pqc = vae.quant_conv, vae.post_quant_conv
+    qc.weight[:c] *= factor
+    qc.bias[:c] *= factor
+    qc.bias[c:] += 2 * math.log(factor)  # log-variance
+    pqc.weight /= factor
+
+
+# ------------------------------------------------------------------------------------------------- one stage
+
+
+def batch_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    """The RNG of one step: batches are a pure function of (seed, stage, step), so resume is exact."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + stage) * 1_000_003 + step) % (2**63))
+
+
+def lr_scale(step: int, total: int, warmup: int = 0, floor: float = 1.0) -> float:
+    """Linear warm-up, then cosine from 1 down to ``floor`` (floor=1: constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+
+def train_stage(
+    name: str,
+    module: torch.nn.Module,
+    loss_fn: Callable[[int], torch.Tensor],
+    cfg: StageConfig,
+    state_dir: Path | None = None,
+    resume: bool = False,
+    deadline: float | None = None,
+) -> dict:
+    """Train ``module`` on ``loss_fn(step)`` (a batch made from the step alone) with AdamW and an optional EMA,
+    checkpointing to ``state_dir/name`` every ``cfg.checkpoint_minutes``; the EMA (if any) is loaded at the end.
+
+    Args:
+        name: the stage's name (checkpoint folder, logs).
+        module: the network; all its parameters train.
+        loss_fn: step -> scalar loss.
+        cfg: the stage's optimisation settings.
+        state_dir: where checkpoints go (None: no checkpoints).
+        resume: continue from ``state_dir/name`` if there is a checkpoint.
+        deadline: a ``time.time()`` at which to stop early (None: run all steps).
+
+    Returns:
+        stats: steps, wall time, steps/s, the loss curve [(step, mean loss)], whether the deadline stopped it.
+    """
+    module.train().requires_grad_(True)
+    params = list(module.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = [p.detach().clone() for p in params] if cfg.ema_decay is not None else None
+    state = {"step": 0, "elapsed_s": 0.0, "curve": []}
+    ckpt = None if state_dir is None else Path(state_dir) / name
+    if resume and ckpt is not None and (ckpt / "state.pt").is_file():
+        saved = torch.load(ckpt / "state.pt", weights_only=True)
+        module.load_state_dict(saved["module"])
+        opt.load_state_dict(saved["optimizer"])
+        if ema is not None:
+            for e, s in zip(ema, saved["ema"]):
+                e.copy_(s)
+        state = json.loads((ckpt / "state.json").read_text())
+        print(
+            f"[{name}] resumed at step {state['step']} ({state['elapsed_s'] / 60:.1f} min done)", flush=True
+        )
+    start, last_ckpt = time.time() - state["elapsed_s"], time.time()
+    stopped_early, run = False, []
+    for step in range(state["step"], cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_scale(step, cfg.steps, cfg.warmup_steps, cfg.lr_floor)
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))  # diffusers' EMA warm-up
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+        run.append(loss.item())
+        done = step + 1
+        state["step"], state["elapsed_s"] = done, time.time() - start
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            state["curve"].append((done, sum(run) / len(run)))
+            print(f"[{name}] step {done}/{cfg.steps} loss {state['curve'][-1][1]:.5f}", flush=True)
+            run = []
+        stopped_early = deadline is not None and time.time() > deadline and done < cfg.steps
+        if ckpt is not None and (stopped_early or time.time() - last_ckpt > cfg.checkpoint_minutes * 60):
+            _save_checkpoint(ckpt, module, opt, ema, state)
+            last_ckpt = time.time()
+        if stopped_early:
+            print(
+                f"[{name}] deadline reached: stopping at step {done}/{cfg.steps} (checkpointed)", flush=True
+            )
+            break
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    module.eval().requires_grad_(False)
+    return {
+        "steps": state["step"],
+        "wall_s": round(state["elapsed_s"], 1),
+        "steps_per_s": round(state["step"] / max(state["elapsed_s"], 1e-9), 3),
+        "loss_curve": state["curve"],
+        "stopped_early": stopped_early,
+    }
+
+
+def _save_checkpoint(ckpt: Path, module, opt, ema, state: dict):
+    """Atomically replace ``ckpt``: weights, optimizer, EMA (state.pt) and the step and curve (state.json)."""
+    new = ckpt.with_name(ckpt.name + ".new")
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    torch.save(
+        {"module": module.state_dict(), "optimizer": opt.state_dict(), "ema": ema or []}, new / "state.pt"
+    )
+    (new / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    new.rename(ckpt)
+
+
+# ------------------------------------------------------------------------------------------------- losses
+
+
+def vae_loss_fn(vae, cfg: VAEConfig, seed: int, patch_size: int) -> Callable[[int], torch.Tensor]:
+    """Stage 1's loss of a step: MSE reconstruction of random HR crops + ``kl_weight`` x KL."""
+
+    def loss(step: int) -> torch.Tensor:
+        gen = batch_generator(seed, 1, step)
+        x = random_pairs(cfg.batch_size, gen, "train", patch_size).hr
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        return F.mse_loss(vae.decode(z).sample, x) + cfg.kl_weight * post.kl().mean()
+
+    return loss
+
+
+def empty_prompt_embeds(pipe) -> torch.Tensor:
+    """The text encoder's embedding of "" as the pipeline computes it, ``[1, 77, hidden]``."""
+    embeds, _ = pipe.encode_prompt("", torch.device("cpu"), 1, False)
+    return embeds
+
+
+def noised_low_res(pipe, lr: torch.Tensor, noise_level: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The LR image as the pipeline feeds it to the UNet: ``low_res_scheduler.add_noise`` at ``noise_level``."""
+    noise = torch.randn(lr.shape, generator=gen)
+    return pipe.low_res_scheduler.add_noise(lr, noise, noise_level)
+
+
+def unet_loss_fn(pipe, cfg: SRTeacherConfig, seed: int) -> Callable[[int], torch.Tensor]:
+    """Stage 2's loss of a step: v-prediction MSE on 0.08333 x VAE latents of HR crops, the UNet seeing the noised
+    latents concatenated with the noised LR image and the noise level as class label, exactly as at inference."""
+    prompt = empty_prompt_embeds(pipe)
+    scale = pipe.vae.config.scaling_factor
+    b, scheduler = cfg.unet.batch_size, pipe.scheduler
+
+    def loss(step: int) -> torch.Tensor:
+        gen = batch_generator(seed, 2, step)
+        pairs = random_pairs(b, gen, "train", cfg.patch_size)
+        with torch.no_grad():
+            post = pipe.vae.encode(pairs.hr).latent_dist
+            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
+        if cfg.unet.noise_level_max is None:
+            level = torch.full((b,), cfg.noise_level, dtype=torch.long)
+        else:
+            level = torch.randint(0, cfg.unet.noise_level_max + 1, (b,), generator=gen)
+        lr = noised_low_res(pipe, pairs.lr, level, gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen)
+        z_t = scheduler.add_noise(z0, eps, t)
+        model_input = torch.cat([scheduler.scale_model_input(z_t, t), lr], dim=1)
+        pred = pipe.unet(
+            model_input, t, encoder_hidden_states=prompt.expand(b, -1, -1), class_labels=level
+        ).sample
+        return F.mse_loss(pred, scheduler.get_velocity(z0, eps, t))
+
+    return loss
+
+
+@torch.no_grad()
+def latent_std(vae, seed: int, patch_size: int, n: int = 256) -> float:
+    """Std of (unscaled) posterior samples of ``n`` random train crops."""
+    gen = batch_generator(seed, 0, 0)
+    post = vae.encode(random_pairs(n, gen, "train", patch_size).hr).latent_dist
+    return float((post.mean + post.std * torch.randn(post.mean.shape, generator=gen)).std())
+
+
+@torch.no_grad()
+def vae_heldout_psnr(vae, max_patches: int | None = None) -> float:
+    """Mean PSNR-Y (dB) of the posterior-mean reconstruction of the held-out grid patches (the teacher's ceiling)."""
+    hr = grid_pairs("heldout").hr[:max_patches]
+    rec = torch.cat([vae.decode(vae.encode(x).latent_dist.mean).sample for x in hr.split(64)])
+    return float(psnr_y(_quantize(rec), hr).mean())
+
+
+# ------------------------------------------------------------------------------------------------- whole run
+
+
+def train_teacher(cfg: SRTeacherConfig, out: str | Path, resume: bool = False) -> Path:
+    """Train both stages, save the pipeline folder to ``out`` (+ ``fastdiff_teacher.json``) and evaluate it.
+
+    Args:
+        cfg: the recipe.
+        out: output folder.
+        resume: continue from the checkpoints in ``out/_train_state`` (``cfg.max_minutes`` then counts from the
+            resumed start).
+    """
+    from diffusers import AutoencoderKL
+
+    from ..models.tiny import make_tokenizer
+
+    out = Path(out)
+    state_dir = out / STATE_DIR
+    if not resume and state_dir.exists():
+        shutil.rmtree(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.num_threads)
+    t0 = time.time()
+    deadline = None if cfg.max_minutes is None else t0 + (cfg.max_minutes - RESERVE_MINUTES) * 60
+    stats: dict = {"num_threads": cfg.num_threads}
+
+    # 1. VAE
+    vae_dir = state_dir / "vae_done"
+    if resume and (vae_dir / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+        stats["vae"] = json.loads((state_dir / "vae_stats.json").read_text())
+        print(f"[vae] trained VAE loaded from {vae_dir}", flush=True)
+    else:
+        vae = build_vae(cfg.vae, cfg.seed)
+        vae_loss = vae_loss_fn(vae, cfg.vae, cfg.seed, cfg.patch_size)
+        stats["vae"] = train_stage("vae", vae, vae_loss, cfg.vae, state_dir, resume)
+        std = latent_std(vae, cfg.seed, cfg.patch_size)
+        rescale_latents(vae, 1.0 / (VAE_SCALING * std))
+        stats["vae"]["latent_std_before_rescale"] = std
+        stats["vae"]["scaled_latent_std"] = VAE_SCALING * latent_std(vae, cfg.seed, cfg.patch_size)
+        stats["vae"]["heldout_psnr_y"] = round(vae_heldout_psnr(vae, cfg.eval_max_patches), 3)
+        vae.save_pretrained(vae_dir, safe_serialization=True)
+        (state_dir / "vae_stats.json").write_text(json.dumps(stats["vae"]))
+    print(f"[vae] held-out reconstruction PSNR-Y {stats['vae']['heldout_psnr_y']} dB", flush=True)
+
+    # 2. UNet
+    text_encoder = build_text_encoder(cfg.text, len(make_tokenizer()), cfg.seed + 100)
+    unet = build_unet(cfg.unet, cfg.text, cfg.seed + 200, cfg.patch_size // SCALE)
+    pipe = assemble_pipeline(vae, text_encoder, unet)
+    stats["params"] = {
+        "vae": num_params(vae),
+        "text_encoder": num_params(text_encoder),
+        "unet": num_params(unet),
+    }
+    print(f"[params] {stats['params']}", flush=True)
+    stats["unet"] = train_stage(
+        "unet", unet, unet_loss_fn(pipe, cfg, cfg.seed + 300), cfg.unet, state_dir, resume, deadline
+    )
+
+    pipe.save_pretrained(out, safe_serialization=True)
+    if cfg.evaluate:
+        stats["evaluate"] = evaluate(
+            out, cfg.num_inference_steps, cfg.noise_level, cfg.seed, cfg.eval_max_patches
+        )
+    stats["total_wall_s"] = round(time.time() - t0, 1)
+    write_teacher_json(out, cfg, stats)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    print(f"[done] {out} in {stats['total_wall_s'] / 60:.1f} min; {folder_mb(out):.1f} MB", flush=True)
+    return out
+
+
+def write_teacher_json(out: Path, cfg: SRTeacherConfig, stats: dict):
+    """``fastdiff_teacher.json``: the sampling recipe, training stats and the config."""
+    info = {
+        "pipeline": "StableDiffusionUpscalePipeline",
+        "prompt": "",
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": 0.0,
+        "noise_level": cfg.noise_level,
+        "lr_patch_size": cfg.patch_size // SCALE,
+        "degradation": "fastdiff.sr.data.downscale (antialiased bicubic x4, 8-bit)",
+        "train_command": TRAIN_COMMAND,
+        "stats": stats,
+        "config": dataclasses.asdict(cfg),
+    }
+    (Path(out) / "fastdiff_teacher.json").write_text(json.dumps(info, indent=1))
+
+
+def folder_mb(path: str | Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+
+def _quantize(x: torch.Tensor) -> torch.Tensor:
+    """To 8-bit levels, as a saved image."""
+    return x.clamp(-1, 1).add(1).mul(127.5).round().div(127.5).sub(1)
+
+
+@torch.no_grad()
+def upscale(pipe, lr: torch.Tensor, steps: int, noise_level: int, seed: int, batch: int = 64) -> torch.Tensor:
+    """Run the pipeline as a user would (prompt "", PIL LR images, no CFG) on ``lr`` ``[N, 3, h, w]``; returns the
+    8-bit outputs as ``[N, 3, 4h, 4w]`` in [-1, 1]."""
+    outputs = []
+    for i in range(0, len(lr), batch):
+        images = [to_pil(x) for x in lr[i : i + batch]]
+        result = pipe(
+            prompt=[""] * len(images),
+            image=images,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            noise_level=noise_level,
+            generator=torch.Generator().manual_seed(seed + i),
+        ).images
+        outputs += [from_pil(image) for image in result]
+    return torch.stack(outputs)
+
+
+def _scores(pred: torch.Tensor, hr: torch.Tensor) -> dict:
+    y_pred, y_hr = rgb_to_y(pred), rgb_to_y(hr)
+    mse = (y_pred - y_hr).pow(2).mean()
+    return {
+        "psnr_y_mean": round(float(psnr(y_pred, y_hr).mean()), 3),
+        "psnr_y_pooled": round(float(10 * torch.log10(255.0**2 / mse)), 3),
+        "ssim_y_mean": round(float(ssim_y(pred, hr).mean()), 4),
+    }
+
+
+def evaluate(
+    folder: str | Path,
+    num_inference_steps: int | None = None,
+    noise_level: int | None = None,
+    seed: int = 0,
+    max_patches: int | None = None,
+) -> dict:
+    """The teacher at ``num_inference_steps`` and bicubic on the held-out grid (``grid_pairs("heldout")``).
+
+    Both outputs are quantized to 8 bits. Reports PSNR-Y as the mean over patches and pooled (from the MSE over
+    all patches), SSIM-Y as the mean over patches; ``ship`` is True only if the teacher's PSNR-Y beats bicubic's
+    on both.
+
+    Args:
+        folder: a StableDiffusionUpscalePipeline folder.
+        num_inference_steps, noise_level: default: ``fastdiff_teacher.json``'s, else 20 and 20.
+        seed: seeds the pipeline's noise.
+        max_patches: evaluate the first ``max_patches`` held-out patches only (None: all).
+    """
+    from diffusers import StableDiffusionUpscalePipeline
+
+    info_path = Path(folder) / "fastdiff_teacher.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    steps = num_inference_steps or info.get("num_inference_steps", 20)
+    noise_level = info.get("noise_level", 20) if noise_level is None else noise_level
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pairs = grid_pairs("heldout")
+    hr, lr = pairs.hr[:max_patches], pairs.lr[:max_patches]
+    t0 = time.time()
+    teacher = upscale(pipe, lr, steps, noise_level, seed)
+    seconds = time.time() - t0
+    result = {
+        "patches": len(hr),
+        "hr_size": hr.shape[-1],
+        "num_inference_steps": steps,
+        "noise_level": noise_level,
+        "teacher": dict(_scores(teacher, hr), seconds_per_patch=round(seconds / len(hr), 4)),
+        "bicubic": _scores(_quantize(bicubic_upscale(lr)), hr),
+    }
+    t, b = result["teacher"], result["bicubic"]
+    result["ship"] = bool(t["psnr_y_mean"] > b["psnr_y_mean"] and t["psnr_y_pooled"] > b["psnr_y_pooled"])
+    print(f"[evaluate] {json.dumps(result)}", flush=True)
+    return result

@@ -1,0 +1,125 @@
+"""The bundled SR teacher's trainer: the recipe loads, the latent rescaling is exact, a stage resumes exactly, and
+a 20-iteration run writes a StableDiffusionUpscalePipeline folder that plain diffusers loads and runs and that
+``evaluate`` scores against bicubic."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdiff.config import ConfigError
+from fastdiff.sr.teacher import (
+    VAE_SCALING,
+    StageConfig,
+    VAEConfig,
+    batch_generator,
+    build_vae,
+    evaluate,
+    folder_mb,
+    load_teacher_config,
+    rescale_latents,
+    train_stage,
+    train_teacher,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "assets" / "configs" / "teacher_sr.yaml"
+
+TINY = [
+    "num_threads=1",
+    "eval_max_patches=4",
+    "vae.block_out_channels=[8,16,16]",
+    "vae.norm_num_groups=8",
+    "vae.steps=20",
+    "vae.batch_size=2",
+    "text.hidden_size=16",
+    "text.intermediate_size=16",
+    "unet.block_out_channels=[16,32]",
+    "unet.cross_attention=[false,true]",
+    "unet.attention_heads=[1,2]",
+    "unet.layers_per_block=1",
+    "unet.norm_num_groups=8",
+    "unet.steps=20",
+    "unet.batch_size=2",
+    "unet.warmup_steps=2",
+]
+
+
+def test_recipe_loads_and_bad_values_are_errors():
+    cfg = load_teacher_config(RECIPE)
+    assert cfg.patch_size == 64 and cfg.noise_level == 20 and cfg.num_inference_steps == 20
+    assert cfg.unet.ema_decay == 0.999 and len(cfg.unet.block_out_channels) == len(cfg.unet.cross_attention)
+    with pytest.raises(ConfigError, match="unknown config key 'unet.stpes'"):
+        load_teacher_config(RECIPE, ["unet.stpes=3"])
+    with pytest.raises(ConfigError, match="noise_level"):
+        load_teacher_config(RECIPE, ["noise_level=351"])
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_teacher_config(RECIPE, ["patch_size=40"])
+
+
+@torch.no_grad()
+def test_rescale_latents_keeps_the_autoencoder_and_scales_the_posterior():
+    vae = build_vae(VAEConfig(block_out_channels=[8, 16, 16], norm_num_groups=8), seed=0).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    before = vae.encode(x).latent_dist
+    rec_before = vae.decode(before.mean).sample
+    rescale_latents(vae, 12.0)
+    after = vae.encode(x).latent_dist
+    assert vae.config.scaling_factor == VAE_SCALING
+    torch.testing.assert_close(after.mean, 12.0 * before.mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after.std, 12.0 * before.std, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(vae.decode(after.mean).sample, rec_before, rtol=1e-4, atol=1e-5)
+
+
+def _linear_stage(tmp_path, deadline=None, resume=False):
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    target = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 3.0]])
+
+    def loss(step):
+        x = torch.randn(8, 3, generator=batch_generator(0, 1, step))
+        return (module(x) - x @ target.T).pow(2).mean()
+
+    cfg = StageConfig(steps=6, lr=0.05, warmup_steps=2, ema_decay=0.9, checkpoint_minutes=60.0, log_every=1)
+    stats = train_stage("lin", module, loss, cfg, tmp_path, resume=resume, deadline=deadline)
+    return module, stats
+
+
+def test_a_stage_stopped_at_its_deadline_resumes_exactly(tmp_path):
+    straight, stats = _linear_stage(tmp_path / "a")
+    assert stats["steps"] == 6 and not stats["stopped_early"]
+    _, stopped = _linear_stage(tmp_path / "b", deadline=0.0)
+    assert stopped["steps"] == 1 and stopped["stopped_early"]
+    resumed, stats = _linear_stage(tmp_path / "b", resume=True)
+    assert stats["steps"] == 6 and [s for s, _ in stats["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_twenty_iterations_write_a_pipeline_that_diffusers_runs(tmp_path):
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from fastdiff.sr.data import grid_pairs, to_pil
+
+    out = train_teacher(load_teacher_config(RECIPE, TINY), tmp_path / "sr")
+    assert not (out / "_train_state").exists() and folder_mb(out) < 5
+    info = json.loads((out / "fastdiff_teacher.json").read_text())
+    assert info["noise_level"] == 20 and info["num_inference_steps"] == 20 and info["guidance_scale"] == 0.0
+    assert info["stats"]["unet"]["steps"] == 20 and info["stats"]["vae"]["steps"] == 20
+    assert abs(info["stats"]["vae"]["scaled_latent_std"] - 1.0) < 1e-3
+
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.in_channels == 7 and pipe.vae.config.scaling_factor == VAE_SCALING
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    lr = to_pil(grid_pairs("heldout").lr[0])
+    image = pipe(prompt="", image=lr, num_inference_steps=20, guidance_scale=0, noise_level=20).images[0]
+    assert image.size == (64, 64)
+
+    result = info["stats"]["evaluate"]
+    assert result["patches"] == 4 and result["num_inference_steps"] == 20
+    assert set(result["teacher"]) >= {"psnr_y_mean", "psnr_y_pooled", "ssim_y_mean"}
+    assert result["bicubic"]["psnr_y_mean"] > 20 and isinstance(result["ship"], bool)
+    again = evaluate(out, max_patches=2)
+    assert again["patches"] == 2 and again["noise_level"] == 20
