@@ -12,18 +12,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # (8 s vs 0.25 s) whenever another process held a core; PASSIVE waiting kept 2 threads at 0.7 s there.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fastdiff.digits.teacher import load_teacher_config, train_teacher  # noqa: E402
+import importlib  # noqa: E402
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="assets/configs/teacher_digits.yaml")
-    parser.add_argument("--out", default="assets/teachers/digits-sdxl")
+def main(
+    argv=None,
+    module: str = "fastdiff.digits.teacher",
+    config: str = "assets/configs/teacher_digits.yaml",
+    out: str = "assets/teachers/digits-sdxl",
+    description: str = __doc__.splitlines()[0],
+):
+    """Parse the command line and train with ``module``'s ``load_teacher_config`` / ``train_teacher``."""
+    trainer = importlib.import_module(module)
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=config)
+    parser.add_argument("--out", default=out)
     parser.add_argument("--resume", action="store_true", help="continue from DIR/_train_state")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. unet.steps=300")
     args = parser.parse_args(argv)
-    cfg = load_teacher_config(args.config, args.overrides)
-    train_teacher(cfg, args.out, resume=args.resume)
+    cfg = trainer.load_teacher_config(args.config, args.overrides)
+    trainer.train_teacher(cfg, args.out, resume=args.resume)
 
 
 if __name__ == "__main__":
