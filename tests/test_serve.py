@@ -625,9 +625,6 @@ def test_a_multi_student_export_serves_each_prompt_with_its_students_lora(msd_se
     assert (
         [r["fastdiff"]["student"] for r in alone] == [r["fastdiff"]["student"] for r in together] == expected
     )
-    assert (
-        max(r["fastdiff"]["batch_images"] for r in together) > 2
-    )  # requests were batched (one student each)
     assert alone[0]["fastdiff"]["num_inference_steps"] == 1 and alone[0]["fastdiff"]["guidance_scale"] == 0.0
 
     refs = {}
