@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, merge_layers
+from ..config import ConfigError
 from ..schedule import add_noise, snr
+from ..teacher_training import folder_mb, load_recipe, lr_scale, num_params
 from .data import NAMES, TEMPLATES, load_split, prompt_for
 
 STATE_DIR = "_train_state"  # checkpoints inside the output folder; removed when the run completes
@@ -126,11 +126,7 @@ def load_teacher_config(path: str | Path | None = None, overrides: list[str] | t
         path: YAML file (None: the defaults).
         overrides: dotted ``key=value`` strings, values typed as YAML reads them.
     """
-    merged = merge_layers(TeacherConfig, path, overrides)
-    try:
-        return OmegaConf.to_object(merged)
-    except Exception as e:
-        raise ConfigError(f"bad config value: {e}") from None
+    return load_recipe(TeacherConfig, path, overrides)
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -231,19 +227,7 @@ def build_scheduler():
     )
 
 
-def num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # ------------------------------------------------------------------------------------------------- stages
-
-
-def _lr_scale(step: int, total: int, warmup: int = 0, floor: float = 1.0) -> float:
-    """Linear warmup, then cosine from 1 down to ``floor`` (floor=1: constant)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
 def train_vae(cfg: VAEConfig, images: torch.Tensor, seed: int, log_every: int = 100):
@@ -265,7 +249,7 @@ def train_vae(cfg: VAEConfig, images: torch.Tensor, seed: int, log_every: int = 
     bar = tqdm(range(cfg.steps), desc="vae", mininterval=10)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_scale(step, cfg.steps, floor=0.1)
+            g["lr"] = cfg.lr * lr_scale(step, cfg.steps, floor=0.1)
         x = images[torch.randint(len(images), (cfg.batch_size,), generator=gen)]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
@@ -465,7 +449,7 @@ def train_unet(
     )
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_scale(step, cfg.steps, cfg.warmup_steps)
+            g["lr"] = cfg.lr * lr_scale(step, cfg.steps, cfg.warmup_steps)
         b = cfg.batch_size
         idx = torch.randint(len(labels), (b,), generator=gen)
         row = torch.randint(n_templates, (b,), generator=gen) * 10 + labels[idx]
@@ -605,10 +589,6 @@ def write_teacher_json(out: Path, cfg: TeacherConfig, stats: dict):
         "config": dataclasses.asdict(cfg),
     }
     (Path(out) / "fastdiff_teacher.json").write_text(json.dumps(info, indent=1))
-
-
-def folder_mb(path: str | Path) -> float:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
 # ------------------------------------------------------------------------------------------------- sampling

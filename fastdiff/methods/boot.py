@@ -23,7 +23,6 @@ at timestep input 0 and is fitted by L_B.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from ..models.denoiser import CFG
 from ..recipe import Recipe, derive_scheduler
 from . import student
 from .base import Group, Method, RunContext, optimizer_settings, randint, randn
-from .critic import score_network
+from .critic import network_base, score_network
 from .registry import register
 
 
@@ -176,7 +175,7 @@ class BOOT(Method):
             raise ValueError(
                 "boot.shared_base needs boot.student=lora (a full student is a copy of the UNet)"
             )
-        unet = teacher.unet if c.shared_base else copy.deepcopy(teacher.unet).float()
+        unet = network_base(teacher, c.student, c.shared_base)
         net, params = score_network(teacher, unet, c.student, "student", c.lora_rank, c.lora_alpha)
         real = CFG(
             teacher.denoiser(teacher.unet, adapter=None if c.shared_base else "*"),

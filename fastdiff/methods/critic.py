@@ -168,16 +168,17 @@ def student_and_fake(
             f"{section}.shared_base needs a LoRA network to share the teacher's UNet: set {section}.generator=lora "
             f"and/or {section}.fake_score=lora, or {section}.shared_base=false"
         )
-    base = teacher.unet
     # every copy is taken before an adapter lands on the shared base
-    unets = {
-        key: base if shared_base and kind == "lora" else copy.deepcopy(base).float()
-        for key, kind in kinds.items()
-    }
+    unets = {key: network_base(teacher, kind, shared_base) for key, kind in kinds.items()}
 
     gen, gen_params = score_network(teacher, unets["generator"], generator, adapters[0], rank, alpha)
     fake, fake_params = score_network(teacher, unets["fake_score"], fake_score, adapters[1], rank, alpha)
     return gen, gen_params, fake, fake_params
+
+
+def network_base(teacher, kind: str, shared_base: bool) -> nn.Module:
+    """The UNet a network is made on: the teacher's own (a LoRA network in shared-base mode) or a float32 copy."""
+    return teacher.unet if shared_base and kind == "lora" else copy.deepcopy(teacher.unet).float()
 
 
 def score_network(teacher, unet: nn.Module, kind: str, adapter: str, rank: int, alpha: float):

@@ -23,7 +23,6 @@ generator's interval.
 
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from ..models.denoiser import CFG, Denoiser
 from ..recipe import Recipe, derive_scheduler
 from . import ode_pairs, student
 from .base import Group, RunContext, optimizer_settings, randint, randn
-from .critic import CriticMethod, gan_wanted, score_network, student_and_fake
+from .critic import CriticMethod, gan_wanted, network_base, score_network, student_and_fake
 from .registry import register
 
 INITS = ("teacher", "regression")
@@ -325,8 +324,8 @@ class DMD2(CriticMethod):
                 adapters,
             )  # fmt: skip
         else:
-            (generator, gen_params), base = generator, teacher.unet
-            unet = base if cfg.shared_base and cfg.fake_score == "lora" else copy.deepcopy(base).float()
+            generator, gen_params = generator
+            unet = network_base(teacher, cfg.fake_score, cfg.shared_base)
             fake, fake_params = score_network(
                 teacher, unet, cfg.fake_score, adapters[1], cfg.lora_rank, cfg.lora_alpha
             )

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from ..config import ConfigError, merge_layers
+from ..config import ConfigError
+from ..teacher_training import folder_mb, load_recipe, lr_scale, num_params
 from .data import PATCH_SIZE, SCALE, bicubic_upscale, from_pil, grid_pairs, random_pairs, to_pil
 from .metrics import psnr, psnr_y, rgb_to_y, ssim_y
 
@@ -143,11 +143,7 @@ def load_teacher_config(path: str | Path | None = None, overrides: list[str] | t
         path: YAML file (None: the defaults).
         overrides: dotted ``key=value`` strings, values typed as YAML reads them.
     """
-    merged = merge_layers(SRTeacherConfig, path, overrides)
-    try:
-        cfg = OmegaConf.to_object(merged)
-    except Exception as e:
-        raise ConfigError(f"bad config value: {e}") from None
+    cfg = load_recipe(SRTeacherConfig, path, overrides)
     if cfg.patch_size % (4 * SCALE):
         raise ConfigError(f"patch_size must be a multiple of {4 * SCALE}, got {cfg.patch_size}")
     if not 0 <= cfg.noise_level <= MAX_NOISE_LEVEL:
@@ -266,10 +262,6 @@ def assemble_pipeline(vae, text_encoder, unet):
     )
 
 
-def num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 @torch.no_grad()
 def rescale_latents(vae, factor: float):
     """Multiply the VAE's latent space by ``factor`` without changing what it encodes or decodes: posterior mean
@@ -288,14 +280,6 @@ def rescale_latents(vae, factor: float):
 def batch_generator(seed: int, stage: int, step: int) -> torch.Generator:
     """The RNG of one step: batches are a pure function of (seed, stage, step), so resume is exact."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + stage) * 1_000_003 + step) % (2**63))
-
-
-def lr_scale(step: int, total: int, warmup: int = 0, floor: float = 1.0) -> float:
-    """Linear warm-up, then cosine from 1 down to ``floor`` (floor=1: constant)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
 def train_stage(
@@ -555,10 +539,6 @@ def write_teacher_json(out: Path, cfg: SRTeacherConfig, stats: dict):
         "config": dataclasses.asdict(cfg),
     }
     (Path(out) / "fastdiff_teacher.json").write_text(json.dumps(info, indent=1))
-
-
-def folder_mb(path: str | Path) -> float:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
