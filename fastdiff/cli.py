@@ -1,4 +1,4 @@
-"""``fastdiff train | export | generate | bench | demo | serve | agd-trajectories | tiny``."""
+"""``fastdiff train | export | generate | upscale | bench | demo | serve | prepare | agd-trajectories | tiny``."""
 
 from __future__ import annotations
 
@@ -49,7 +49,24 @@ def _generate(args) -> None:
         print(path)
 
 
+def _upscale(args) -> None:
+    from .sr.upscale import upscale_file
+
+    print(upscale_file(args.export_dir, args.image, args.out, seed=args.seed, tile=args.tile))
+
+
 def _bench(args) -> None:
+    if args.kind == "sr":
+        from .eval.bench_sr import run as run_sr
+
+        if not args.export:
+            raise SystemExit("bench sr needs --export DIR (an upscaler export)")
+        run_sr(
+            args.export[0],
+            args.out or "bench-sr",
+            teacher_steps=[int(s) for s in args.sr_teacher_steps.split(",")],
+        )
+        return
     if args.kind == "serve":
         from .eval.bench_serve import run as run_serve
 
@@ -167,8 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", help="negative prompt (AGD exports: it conditions the adapters)")
     p.set_defaults(fn=_generate)
 
-    p = sub.add_parser("bench", help="benchmarks: speed | quality | serve | scale")
-    p.add_argument("kind", choices=["speed", "quality", "serve", "scale"])
+    p = sub.add_parser("upscale", help="upscale an image with an upscaler export (e.g. TAD-SR's)")
+    p.add_argument("export_dir", help="a fastdiff upscaler export folder (with fastdiff.json)")
+    p.add_argument("image", help="input image (any size; grey and RGBA are converted)")
+    p.add_argument("--out", required=True, help="output image file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=128, help="input tile side; larger images are tiled")
+    p.set_defaults(fn=_upscale)
+
+    p = sub.add_parser("bench", help="benchmarks: speed | quality | serve | scale | sr")
+    p.add_argument("kind", choices=["speed", "quality", "serve", "scale", "sr"])
     p.add_argument("--out", help="speed: a JSON file; quality: a folder (bench.json, bench.md, grids/)")
     p.add_argument("--iters", type=int, default=5, help="speed / scale: timed iterations")
     p.add_argument(
@@ -185,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--teacher-steps", default="1,2,4,8,25", help="quality: teacher rows (DDIM, trailing)")
     p.add_argument(
-        "--export", action="append", default=[], help="quality: a fastdiff export folder (repeatable)"
+        "--sr-teacher-steps", default="1,4,20,50", help="sr: the teacher's rows (its own scheduler)"
+    )
+    p.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        help="quality: a fastdiff export folder (repeatable); sr: the upscaler export",
     )
     p.add_argument(
         "--export-steps",
@@ -281,7 +312,10 @@ def main(argv=None) -> None:
         from .config import ConfigError
         from .teacher import TeacherError
 
-        if isinstance(e, (ConfigError, TeacherError, FileNotFoundError)) or args.command == "generate":
+        if isinstance(e, (ConfigError, TeacherError, FileNotFoundError)) or args.command in (
+            "generate",
+            "upscale",
+        ):
             print(f"fastdiff: error: {e}", file=sys.stderr)
             sys.exit(2)
         raise

@@ -121,9 +121,12 @@ def export(
         "train_seconds": train_seconds,
         "config": config,
     }
-    data["check"] = _self_check(method, teacher, pipe, recipe, out, student, lora_scale)
+    data["check"] = _self_check(
+        method, teacher, pipe, recipe, out, student, lora_scale, config.get("resolution")
+    )
     (out / RECIPE_FILE).write_text(json.dumps(data, indent=2))
-    grid = _sample_grid(pipe, recipe, out, prompts or ["a photo of a cat"]).relative_to(out).as_posix()
+    inputs = teacher.example_inputs(prompts or ["a photo of a cat"], config.get("resolution"))
+    grid = _sample_grid(pipe, recipe, out, inputs).relative_to(out).as_posix()
     (out / "README.md").write_text(method.model_card(data, grid) or model_card(data, grid))
     return out
 
@@ -134,13 +137,14 @@ def _derives(scheduler, num_inference_steps: int, timesteps: list) -> bool:
     return scheduler.timesteps.tolist() == list(timesteps)
 
 
-def _run(pipe, step, prompt: str, seed: int, **kwargs):
-    """``pipe`` called as the step recipe says (its scheduler swapped in for the call)."""
+def _run(pipe, step, inputs: dict, seed: int, **kwargs):
+    """``pipe`` called on ``inputs`` (prompt, and image where the pipeline takes one) as the step recipe says (its
+    scheduler swapped in for the call)."""
     base = pipe.scheduler
     apply_scheduler(pipe, step)
     try:
         return pipe(
-            prompt, **step.call_kwargs(), generator=torch.Generator().manual_seed(seed), **kwargs
+            **inputs, **step.call_kwargs(), generator=torch.Generator().manual_seed(seed), **kwargs
         ).images
     finally:
         pipe.scheduler = base
@@ -167,7 +171,9 @@ def _variant_weights(student, name: str):
 
 
 @torch.no_grad()
-def _self_check(method, teacher, pipe, recipe: Recipe, out: Path, student, lora_scale: float) -> dict:
+def _self_check(
+    method, teacher, pipe, recipe: Recipe, out: Path, student, lora_scale: float, resolution=None
+) -> dict:
     """Run the exported pipeline and fastdiff's own sampler on the same noise, at the default call and at every
     step count the export declares; record the largest difference.
 
@@ -175,6 +181,7 @@ def _self_check(method, teacher, pipe, recipe: Recipe, out: Path, student, lora_
     against the sampler with the variant's weights in the student; a step recipe's ``eta`` reaches the method's
     ``generate`` as ``eta``."""
     prompt = "a photo of a cat"
+    inputs = teacher.example_inputs([prompt], resolution)[0]
     checks = {None: recipe.for_steps()} | {k: recipe.for_steps(k) for k in recipe.allowed_steps() or []}
     variants = student.variants if student is not None and student.adapter is not None else {}
     source = {"teacher": teacher.path, "lora_scale": lora_scale}
@@ -187,12 +194,13 @@ def _self_check(method, teacher, pipe, recipe: Recipe, out: Path, student, lora_
         if step.lora not in pipes:
             pipes[step.lora] = load_step_pipeline(out, step, source, use_safetensors=True)
             pipes[step.lora].set_progress_bar_config(disable=True)
-        latents = _run(pipes[step.lora], step, prompt, 0, output_type="latent")
+        latents = _run(pipes[step.lora], step, inputs, 0, output_type="latent")
         gen = torch.Generator().manual_seed(0)
+        cond = teacher.call_cond(inputs, step.call_kwargs(), gen)  # draws what the pipeline draws first
         noise = torch.randn((1, *latents.shape[1:]), generator=gen).to(teacher.device)
         kwargs = {"eta": step.eta} if step.eta else {}
         with _variant_weights(student, name) if name else nullcontext():
-            ours = method.generate(noise, teacher.encode([prompt]), timesteps=k, generator=gen, **kwargs)
+            ours = method.generate(noise, cond, timesteps=k, generator=gen, **kwargs)
         diffs[k] = float((ours.float().cpu() - latents.float().cpu()).abs().max())
         if diffs[k] > 1e-3:
             logger.warning(
@@ -200,16 +208,16 @@ def _self_check(method, teacher, pipe, recipe: Recipe, out: Path, student, lora_
                 diffs[k],
                 f", {k} steps" if k else "",
             )
-    check = {"prompt": prompt, "seed": 0, "max_abs_diff_latents": diffs.pop(None)}
+    check = {"prompt": inputs["prompt"], "seed": 0, "max_abs_diff_latents": diffs.pop(None)}
     if diffs:
         check["max_abs_diff_latents_by_steps"] = {str(k): v for k, v in diffs.items()}
     return check
 
 
 @torch.no_grad()
-def _sample_grid(pipe, recipe: Recipe, out: Path, prompts: list[str]) -> Path:
+def _sample_grid(pipe, recipe: Recipe, out: Path, inputs: list[dict]) -> Path:
     step = recipe.for_steps()
-    images = [_run(pipe, step, prompt, i, output_type="pt")[0] for i, prompt in enumerate(prompts)]
+    images = [_run(pipe, step, call, i, output_type="pt")[0] for i, call in enumerate(inputs)]
     (out / "samples").mkdir(exist_ok=True)
     path = out / "samples" / "export_grid.png"
     image_grid(torch.stack(images), rows=1).save(path)

@@ -97,10 +97,12 @@ class StepRecipe:
     timesteps: list[int] | None = None
     eta: float | None = None
     lora: str | None = None
+    call_extra: dict = field(default_factory=dict)  # more call arguments, e.g. the upscaler's noise_level
 
     def call_kwargs(self) -> dict:
-        """The pipeline call arguments (besides the prompt) of this step count."""
+        """The pipeline call arguments (besides the prompt and image) of this step count."""
         kw = {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale}
+        kw.update(self.call_extra)
         if self.timesteps is not None:
             kw["timesteps"] = list(self.timesteps)
         if self.eta is not None:
@@ -137,6 +139,8 @@ class Recipe:
         step_counts: the step counts the export may run at; None: any.
         recipes: per-step-count overrides.
         extra: method-specific fields written to fastdiff.json as they are (e.g. AGD's trained w range).
+        call_extra: more pipeline call arguments of every step count (e.g. the x4 upscaler's ``noise_level``),
+            written to fastdiff.json as top-level keys, listed under ``call_extra``.
     """
 
     method: str
@@ -150,6 +154,7 @@ class Recipe:
     step_counts: list[int] | None = None
     recipes: dict[int, StepRecipe] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    call_extra: dict = field(default_factory=dict)
 
     def allowed_steps(self) -> list[int] | None:
         if self.step_counts is None:
@@ -160,16 +165,16 @@ class Recipe:
         """What sampling at ``steps`` means for this export: None is its default call (the exported pipeline with its
         saved scheduler); a count with a recipe of its own gets that; another allowed count runs the saved
         scheduler at that count. A ValueError names the counts it supports otherwise."""
-        n = self.num_inference_steps
+        n, extra = self.num_inference_steps, dict(self.call_extra)
         if steps is None or (steps == n and steps not in self.recipes):
-            return StepRecipe(
-                n, self.guidance_scale, timesteps=None if self.timesteps_derivable else list(self.timesteps)
-            )
+            timesteps = None if self.timesteps_derivable else list(self.timesteps)
+            return StepRecipe(n, self.guidance_scale, timesteps=timesteps, call_extra=extra)
         if steps in self.recipes:
-            return self.recipes[steps]
+            r = self.recipes[steps]
+            return StepRecipe(**{**r.__dict__, "call_extra": {**extra, **r.call_extra}})
         allowed = self.allowed_steps()
         if steps >= 1 and (allowed is None or steps in allowed):
-            return StepRecipe(steps, self.guidance_scale)
+            return StepRecipe(steps, self.guidance_scale, call_extra=extra)
         raise ValueError(
             f"this {self.method} export was trained for {n} step(s) at timesteps {self.timesteps}; it samples at "
             f"{allowed} step(s) (see {RECIPE_FILE}), not {steps}"
@@ -188,14 +193,17 @@ class Recipe:
             "step_counts": self.allowed_steps(),
             "recipes": {str(k): r.to_json() for k, r in sorted(self.recipes.items())},
             **self.extra,
+            **self.call_extra,
+            "call_extra": sorted(self.call_extra),
         }
 
     @classmethod
     def from_json(cls, data: dict) -> Recipe:
-        known = {k for k in cls.__dataclass_fields__ if k not in ("recipes", "extra")}
+        known = {k for k in cls.__dataclass_fields__ if k not in ("recipes", "extra", "call_extra")}
         return cls(
             **{k: data[k] for k in known if k in data},
             recipes={int(k): StepRecipe.from_json(v) for k, v in (data.get("recipes") or {}).items()},
+            call_extra={k: data[k] for k in data.get("call_extra") or []},
         )
 
 

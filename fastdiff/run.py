@@ -60,6 +60,7 @@ def make_batch_fn(
 
 def make_validate_fn(cfg: TrainConfig, method, teacher, resolution, latent_shape, accelerator):
     from .export import image_grid
+    from .models.denoiser import cat_conds
 
     prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
     samples = Path(cfg.output_dir) / "samples"
@@ -67,8 +68,14 @@ def make_validate_fn(cfg: TrainConfig, method, teacher, resolution, latent_shape
     @torch.no_grad()
     def validate(step: int) -> None:
         gen = torch.Generator().manual_seed(cfg.seed)
+        if teacher.image_conditioned:  # held-out low-resolution images, conditioned as the export's call does
+            call = method.recipe(dict(teacher.pipeline.scheduler.config)).for_steps().call_kwargs()
+            inputs = teacher.example_inputs(prompts, resolution)
+            cond = cat_conds([teacher.call_cond(x, call, gen) for x in inputs])
+        else:
+            cond = teacher.encode(prompts, resolution)
         noise = torch.randn((len(prompts), *latent_shape), generator=gen).to(accelerator.device)
-        x0 = method.generate(noise, teacher.encode(prompts, resolution), generator=gen)
+        x0 = method.generate(noise, cond, generator=gen)
         images = teacher.decode(x0)
         samples.mkdir(parents=True, exist_ok=True)
         image_grid(images, rows=len(cfg.validation_prompts)).save(samples / f"step-{step:06d}.png")
@@ -105,7 +112,9 @@ def run_context(cfg: TrainConfig, teacher, accelerator=None, with_data: bool = T
     if with_data:
         ctx.dataset = open_dataset(cfg.dataset, resolution) if cfg.dataset else None
         ctx.prompts = load_prompts(cfg.prompts) if cfg.prompts else None
-        if ctx.dataset is None and ctx.prompts is None:
+        from .methods import registry
+
+        if ctx.dataset is None and ctx.prompts is None and not registry.get(cfg.method).own_data:
             raise ValueError(
                 "no training prompts: set `prompts=<file.txt|.jsonl>` or `dataset=<image folder>`"
             )

@@ -1,4 +1,12 @@
-"""The teacher: a local diffusers pipeline folder (SD1.5 or SDXL) read as conditioning + denoisers + VAE."""
+"""The teacher: a local diffusers pipeline folder (SD1.5, SDXL or the SD x4 upscaler) read as conditioning +
+denoisers + VAE.
+
+An image-conditioned teacher (``family == "sd-x4"``, ``StableDiffusionUpscalePipeline``) takes a low-resolution
+image besides the prompt: ``image_cond`` builds its conditioning exactly as the pipeline does (the image noised in
+pixel space by ``low_res_scheduler`` at ``noise_level``, concatenated to the latents, the noise level as class
+label), and ``example_inputs`` / ``call_cond`` give exports and validation a pipeline call and fastdiff's matching
+condition for any family.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,12 @@ import torch
 
 from .models.denoiser import Cond, UNetDenoiser
 
-FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15"}
+FAMILIES = {
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionUpscalePipeline": "sd-x4",
+}
+DEFAULT_NOISE_LEVEL = 20  # StableDiffusionUpscalePipeline's default noise_level
 
 
 class TeacherError(ValueError):
@@ -50,7 +63,8 @@ class Teacher:
     """A loaded teacher pipeline.
 
     Args:
-        path: local diffusers folder of a StableDiffusionPipeline or StableDiffusionXLPipeline.
+        path: local diffusers folder of a StableDiffusionPipeline, StableDiffusionXLPipeline or
+            StableDiffusionUpscalePipeline.
         device: where the networks live.
         dtype: dtype of the frozen networks (the trainer casts trainable copies to float32).
     """
@@ -107,7 +121,21 @@ class Teacher:
             raise ValueError(
                 f"resolution {res} is not a multiple of the VAE's downsampling factor {self.vae_scale}"
             )
-        return (self.unet.config.in_channels, res // self.vae_scale, res // self.vae_scale)
+        return (self.unet.config.out_channels, res // self.vae_scale, res // self.vae_scale)
+
+    @property
+    def image_conditioned(self) -> bool:
+        """Whether the UNet takes a conditioning image besides the latents (the x4 upscaler)."""
+        return self.family == "sd-x4"
+
+    @property
+    def noise_level(self) -> int:
+        """The upscaler's noise level the teacher is meant to run at: its folder's ``fastdiff_teacher.json`` says
+        (fastdiff's bundled SR teacher), else the pipeline's default 20."""
+        info = Path(self.path) / "fastdiff_teacher.json"
+        if info.is_file():
+            return int(json.loads(info.read_text()).get("noise_level", DEFAULT_NOISE_LEVEL))
+        return DEFAULT_NOISE_LEVEL
 
     def denoiser(self, unet=None, adapter: str | None = "*") -> UNetDenoiser:
         """Read ``unet`` (default: the teacher's own) as an x0 predictor speaking the teacher's schedule."""
@@ -161,6 +189,48 @@ class Teacher:
         else:
             c = self.encode([""], resolution)
         return c[[0] * n]
+
+    @torch.no_grad()
+    def image_cond(
+        self, low_res: torch.Tensor, noise_level: int, generator: torch.Generator | None = None, noise=None
+    ) -> Cond:
+        """The x4 upscaler's condition for low-resolution images ``[n, 3, h, w]`` in [-1, 1], as its pipeline builds
+        it: the empty prompt, the image plus ``low_res_scheduler`` noise at ``noise_level`` (``noise``, or drawn from
+        ``generator`` as the pipeline draws it), the noise level as class label."""
+        if not self.image_conditioned:
+            raise ValueError(f"a {self.family} teacher takes no conditioning image")
+        from diffusers.utils.torch_utils import randn_tensor
+
+        n = low_res.shape[0]
+        low_res = low_res.to(self.device, torch.float32)
+        if noise is None:
+            noise = randn_tensor(low_res.shape, generator=generator, device=self.device, dtype=torch.float32)
+        level = torch.full((n,), int(noise_level), dtype=torch.long, device=self.device)
+        image = self.pipeline.low_res_scheduler.add_noise(low_res, noise.to(low_res), level)
+        text = self.encode([""] * n)
+        return Cond(text.prompt_embeds, image=image, class_labels=level)
+
+    def example_inputs(self, prompts: list[str], resolution: int | None = None) -> list[dict]:
+        """Pipeline inputs for export checks, sample grids and validation: one per prompt; an image-conditioned
+        teacher gets the empty prompt and held-out low-resolution patches of the bundled photographs instead (HR
+        side ``resolution``, default the teacher's)."""
+        if not self.image_conditioned:
+            return [{"prompt": p} for p in prompts]
+        from .sr.data import example_low_res
+
+        size = resolution or self.resolution
+        return [{"prompt": "", "image": image} for image in example_low_res(len(prompts), size)]
+
+    def call_cond(self, inputs: dict, call_kwargs: dict, generator: torch.Generator | None = None) -> Cond:
+        """fastdiff's condition for one pipeline call ``pipe(**inputs, **call_kwargs, generator=generator)``,
+        drawing from ``generator`` what the pipeline draws before its latents (the upscaler's image noise), so that
+        the generator's next draw gives the pipeline's initial latents."""
+        if not self.image_conditioned:
+            return self.encode([inputs["prompt"]])
+        from .sr.data import from_pil
+
+        level = call_kwargs.get("noise_level", DEFAULT_NOISE_LEVEL)
+        return self.image_cond(from_pil(inputs["image"])[None], level, generator)
 
     # --- pixels <-> latents -----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -11,11 +11,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory):
-    """Tiny random-init SDXL and SD1.5 pipeline folders, built once per session."""
+    """Tiny random-init SDXL, SD1.5 and SD x4 upscaler pipeline folders, built once per session."""
     from fastdiff.models.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("teachers")
-    return {fam: str(save_tiny(fam, root / fam)) for fam in ("sdxl", "sd15")}
+    return {fam: str(save_tiny(fam, root / fam)) for fam in ("sdxl", "sd15", "sd-x4")}
 
 
 @pytest.fixture(autouse=True, scope="session")

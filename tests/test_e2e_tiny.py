@@ -230,6 +230,8 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
 ):
     monkeypatch.chdir(REPO)
     family = "sd15" if recipe.name.startswith("sd15") else "sdxl"
+    if recipe.name.startswith(("sr_", "sd_x4_")):  # super-resolution recipes: an x4 upscaler teacher
+        family = "sd-x4"
     cfg = load_config(
         recipe,
         [
@@ -239,6 +241,7 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
                 ["dataset=builtin:digits"] if "tscd" in recipe.read_text() else []
             ),  # TSCD trains on real images
             *(["agd.num_trajectories=2", "agd.num_inference_steps=3"] if "agd" in recipe.name else []),
+            *(["tadsr.target_items=2", "tadsr.target_steps=2", "resolution=64"] if family == "sd-x4" else []),
             *(
                 ["dmd2.regression_pairs=2", "dmd2.regression_sampler_steps=2"]
                 if "init: regression" in recipe.read_text()
@@ -271,6 +274,7 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
             "dmd2": lambda c: c.student_timesteps,
             "msd": lambda c: c.dmd2.student_timesteps,
             "boot": lambda c: [999],  # the one-step generator g(ε, 0) is the UNet at t = 999
+            "tadsr": lambda c: [999],
         }
         expected = (
             students[cfg.method](method_cfg) if cfg.method in students else ddim_timesteps(method_cfg.segments[-1])

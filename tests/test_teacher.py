@@ -47,15 +47,15 @@ def test_folder_without_model_index(tmp_path):
 
 
 def test_unsupported_pipeline_class(folders, tmp_path):
-    copy = shutil.copytree(folders["sd15"], tmp_path / "upscaler")
+    copy = shutil.copytree(folders["sd15"], tmp_path / "inpaint")
     index = copy / "model_index.json"
     data = json.loads(index.read_text())
-    data["_class_name"] = "StableDiffusionUpscalePipeline"
+    data["_class_name"] = "StableDiffusionInpaintPipeline"
     index.write_text(json.dumps(data))
     with pytest.raises(TeacherError) as info:
         Teacher(copy)
     msg = str(info.value)
-    assert "StableDiffusionUpscalePipeline" in msg
+    assert "StableDiffusionInpaintPipeline" in msg
     assert "StableDiffusionPipeline" in msg and "StableDiffusionXLPipeline" in msg
     assert "supported" in msg
 

@@ -208,6 +208,11 @@ def write(rows: list[dict], out: Path) -> None:
     ]
     extra = [k for k in ("nll", "nll_true", "mode_coverage", "sw2") if any(k in r for r in rows)]
     keys = [k for k in keys if any(k in r for r in rows)] + extra
+    (out / "bench.md").write_text(markdown_table(rows, keys))
+
+
+def markdown_table(rows: list[dict], keys: list[str]) -> str:
+    """Rows as a markdown table with the columns ``keys`` (floats to 4 significant digits, missing as –)."""
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         cells = []
@@ -215,4 +220,4 @@ def write(rows: list[dict], out: Path) -> None:
             v = r.get(k)
             cells.append("–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"

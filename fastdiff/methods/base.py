@@ -108,6 +108,9 @@ class Method(nn.Module):
     keep_fp32: tuple[
         str, ...
     ] = ()  # submodules the trainer must not cast to half precision (e.g. EMA targets)
+    own_data: bool = (
+        False  # its stages bring training data of their own: a run needs neither prompts nor dataset
+    )
 
     # --- construction -----------------------------------------------------------------------------------------
     @classmethod

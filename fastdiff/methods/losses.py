@@ -76,3 +76,20 @@ def gan_discriminator_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor)
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     """Elementwise pseudo-Huber mean(sqrt((a - b)^2 + c^2) - c), as LCM and PCM use it."""
     return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).mean()
+
+
+def hinge_discriminator_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of a discriminator: mean relu(1 + D(fake)) + mean relu(1 - D(real))."""
+    return F.relu(1 + logits_fake.float()).mean() + F.relu(1 - logits_real.float()).mean()
+
+
+def hinge_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The generator's side of the hinge GAN: -mean D(fake)."""
+    return -logits_fake.float().mean()
+
+
+def score_distillation_loss(x: torch.Tensor, eps_x: torch.Tensor, eps_target: torch.Tensor) -> torch.Tensor:
+    """mean(sg(ε(x_t) - ε(y_t)) · x): score distillation of x toward a target y through a frozen noise predictor ε
+    read at x and y noised with the same noise (TAD-SR's high-frequency score distillation). Its gradient with
+    respect to x is (ε(x_t) - ε(y_t)) / numel."""
+    return ((eps_x.detach().float() - eps_target.detach().float()) * x.float()).mean()

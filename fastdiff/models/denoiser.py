@@ -17,11 +17,15 @@ from .. import schedule
 
 @dataclass
 class Cond:
-    """Text conditioning of a UNet batch: prompt embeddings, plus SDXL's pooled embeddings and time ids."""
+    """Conditioning of a UNet batch: prompt embeddings, plus SDXL's pooled embeddings and time ids, or an image
+    UNet's input image (the x4 upscaler's noised low-resolution image, concatenated to the latents along channels)
+    and its class labels (the upscaler's noise level)."""
 
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    class_labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -38,13 +42,26 @@ class Cond:
         return self._map(lambda v: v[idx])
 
     def to(self, *args, **kwargs) -> Cond:
-        return self._map(lambda v: v.to(*args, **kwargs))
+        """Move (and cast) the floating-point fields; integer ones (class labels) keep their dtype."""
+        dtype = kwargs.pop("dtype", None)
+
+        def move(v):
+            v = v.to(*args, **kwargs)
+            return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
+        return self._map(move)
 
     def unet_kwargs(self) -> dict:
         kw = {"encoder_hidden_states": self.prompt_embeds}
         if self.pooled is not None:
             kw["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        if self.class_labels is not None:
+            kw["class_labels"] = self.class_labels
         return kw
+
+    def unet_input(self, x_t: torch.Tensor) -> torch.Tensor:
+        """The UNet's sample input: the latents, with the conditioning image concatenated where there is one."""
+        return x_t if self.image is None else torch.cat([x_t, self.image.to(x_t.dtype)], dim=1)
 
 
 def cat_conds(conds: list) -> Cond | torch.Tensor:
@@ -122,8 +139,8 @@ class UNetDenoiser(Denoiser):
         try:
             with use_adapter(self.unet, self.adapter):
                 dtype = self.unet.dtype
-                kw = cond.to(dtype=dtype).unet_kwargs()
-                pred = self.unet(x_t.to(dtype), t, **kw, return_dict=False)[0]
+                c = cond.to(dtype=dtype)
+                pred = self.unet(c.unet_input(x_t.to(dtype)), t, **c.unet_kwargs(), return_dict=False)[0]
         finally:
             if hook is not None:
                 hook.remove()
@@ -140,8 +157,8 @@ class UNetDenoiser(Denoiser):
         hook = self.unet.mid_block.register_forward_hook(_stop_after_mid)
         try:
             with use_adapter(self.unet, self.adapter):
-                dtype = self.unet.dtype
-                self.unet(x_t.to(dtype), t, **cond.to(dtype=dtype).unet_kwargs(), return_dict=False)
+                c = cond.to(dtype=self.unet.dtype)
+                self.unet(c.unet_input(x_t.to(self.unet.dtype)), t, **c.unet_kwargs(), return_dict=False)
         except _MidBlockReached as stop:
             return stop.output
         finally:
@@ -172,3 +189,25 @@ class CFG(nn.Module):
         both = self.base(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds([self.null_cond(n), cond]))
         uncond, cond_x0 = both.chunk(2)
         return uncond + self.scale * (cond_x0 - uncond)
+
+
+def encoder_features(denoiser: UNetDenoiser, x_t, t, cond: Cond) -> list[torch.Tensor]:
+    """The UNet encoder's features at every scale: each down block's output, then the mid block's (the UNet stops
+    there). Gradients flow to ``x_t`` (and to the UNet's trainable weights, if any)."""
+    from .lora import use_adapter
+
+    unet = denoiser.unet
+    t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+    feats: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: feats.append(o[0])) for b in unet.down_blocks]
+    hooks.append(unet.mid_block.register_forward_hook(_stop_after_mid))
+    try:
+        with use_adapter(unet, denoiser.adapter):
+            c = cond.to(dtype=unet.dtype)
+            unet(c.unet_input(x_t.to(unet.dtype)), t, **c.unet_kwargs(), return_dict=False)
+    except _MidBlockReached as stop:
+        return [*feats, stop.output]
+    finally:
+        for h in hooks:
+            h.remove()
+    raise RuntimeError("the UNet returned without running its mid-block")

@@ -210,3 +210,15 @@ def random_pairs(
         names.append(name)
     hr = torch.stack(hr)
     return SRPairs(hr=hr, lr=downscale(hr, scale), names=names)
+
+
+def example_pairs(n: int, size: int = PATCH_SIZE, scale: int = SCALE) -> SRPairs:
+    """``n`` held-out pairs spread over the held-out photos (a fixed choice: sample grids, export checks)."""
+    pairs = grid_pairs("heldout", size, scale=scale)
+    pick = torch.linspace(0, len(pairs) - 1, n).round().long() if n > 1 else torch.tensor([len(pairs) // 2])
+    return SRPairs(hr=pairs.hr[pick], lr=pairs.lr[pick], names=[pairs.names[i] for i in pick.tolist()])
+
+
+def example_low_res(n: int, size: int = PATCH_SIZE, scale: int = SCALE) -> list[Image.Image]:
+    """The LR images of ``example_pairs`` as PIL images (what a user passes to the upscale pipeline)."""
+    return [to_pil(lr) for lr in example_pairs(n, size, scale).lr]
