@@ -6,11 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from .paths import asset
+
+# the --print-config flag of `fastdiff train`, as train/distill.py's (fastdiff.run.train_parser) says it
+PRINT_CONFIG_HELP = (
+    "print every config key (shared and the method's section) with its value after the recipe and overrides, its "
+    "default and its meaning, then exit without training"
+)
+
 
 def _train(args) -> None:
     from .run import main
 
-    main((["--config", args.config] if args.config else []) + args.overrides)
+    config = ["--config", args.config] if args.config else []
+    main(config + (["--print-config"] if args.print_config else []) + args.overrides)
 
 
 def _export(args) -> None:
@@ -27,6 +36,8 @@ def _generate(args) -> None:
 
     folder = Path(args.export_dir)
     data = read_recipe(folder)
+    if data.get("pipeline_class") == "StableDiffusionUpscalePipeline":
+        raise ValueError(f"{folder} is an upscaler export: run `fastdiff upscale {folder} IMAGE --out FILE`")
     step = Recipe.from_json(data).for_steps(args.steps)  # the export's rule for the step counts it runs at
     pipe = load_step_pipeline(folder, step, data, use_safetensors=True)  # pipeline/, or teacher + step's LoRA
     apply_scheduler(pipe, step)
@@ -160,10 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastdiff", description="Distil diffusion models into 1-4 step generators."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="distil a teacher (same code as train/distill.py)")
     p.add_argument("--config", help="recipe YAML")
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(fn=_train)
 
@@ -176,9 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample an export with its recorded recipe")
     p.add_argument("export_dir", help="a fastdiff export folder (with fastdiff.json)")
     p.add_argument("prompt")
-    p.add_argument("--out", default="sample.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument(
+        "--out",
+        default="sample.png",
+        help="image file (default: sample.png); several images: NAME-0.png, ...",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    p.add_argument("--num-images", type=int, default=1, help="images of the prompt (default: 1)")
     p.add_argument("--steps", type=int, help="override the recorded step count")
     p.add_argument("--guidance-scale", type=float, help="override the recorded guidance scale (AGD: any w)")
     p.add_argument("--negative-prompt", help="negative prompt (AGD exports: it conditions the adapters)")
@@ -242,7 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="distil the bundled digits teacher, export, sample and benchmark")
     p.add_argument("--output-dir", default="demo")
-    p.add_argument("--method", default="dmd2")
+    methods = sorted(f.stem.removeprefix("digits_") for f in asset("configs").glob("digits_*.yaml"))
+    p.add_argument(
+        "--method",
+        default="dmd2",
+        choices=methods,
+        help="the method of the digits recipe (assets/configs/digits_<method>.yaml) to run (default: dmd2)",
+    )
     p.add_argument("--n", type=int, default=500, help="images per system in the benchmark")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
@@ -301,13 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_tiny)
+    parser.description += f" Commands: {', '.join(sub.choices)} (fastdiff COMMAND --help for each)."
     return parser
 
 
 def main(argv=None) -> None:
+    from .logs import quiet_libraries
+
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        with quiet_libraries():  # no library progress bars or notices that ask nothing of the user
+            args.fn(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         from .config import ConfigError
         from .teacher import TeacherError

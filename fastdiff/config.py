@@ -8,8 +8,14 @@ the key, where it came from, and the keys allowed at that level.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
+import os
 import re
+import textwrap
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,8 +77,9 @@ class TrainConfig:
     train_batch_size: int = 4
     resolution: int | None = None  # image side in pixels; default: the teacher's native size
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str | None = None  # no | fp16 | bf16 | null (accelerate's: ACCELERATE_MIXED_PRECISION)
     gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa (torch's) | xformers (CUDA only; pip install 'fastdiff[xformers]')
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
@@ -81,7 +88,7 @@ class TrainConfig:
         default_factory=lambda: ["a photo of a cat", "a watercolor landscape"]
     )
     num_validation_images: int = 4
-    report_to: str = "none"  # none | tensorboard | wandb | all
+    report_to: str = "none"  # none | tensorboard | wandb | tensorboard,wandb | all (those installed)
     tracker_project: str = "fastdiff"
     prompts: str | None = None  # .txt / .jsonl prompt file (data-free methods need only prompts)
     dataset: str | None = None  # image+caption folder or local HF datasets folder (real images)
@@ -206,15 +213,52 @@ def build_config(layers: list[tuple[str, dict]]) -> TrainConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:
-    """Load a recipe and apply ``key=value`` overrides (dotted keys reach sections: ``dmd2.generator_lr=1e-5``)."""
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def resolve_mixed_precision(value: str | None, where: str = "the config") -> str:
+    """The precision a run uses: the config's ``mixed_precision`` (set in ``where``), or, when it is null,
+    accelerate's: ``ACCELERATE_MIXED_PRECISION`` (``accelerate launch --mixed_precision``, ``accelerate config``),
+    else "no".
+
+    ``accelerate launch`` sets the variable on every launch, to "no" when nothing was asked for, so only fp16 / bf16
+    there count as a request: a config value that differs from such a request is an error naming both.
+    """
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() or None
+    if env is not None and env not in PRECISIONS:
+        raise ConfigError(
+            f"ACCELERATE_MIXED_PRECISION={env} (from the environment: accelerate launch / accelerate config) "
+            f"is not supported; fastdiff trains in one of {', '.join(PRECISIONS)}"
+        )
+    if value is None:
+        return env or "no"
+    if value not in PRECISIONS:
+        raise ConfigError(
+            f"mixed_precision={value} in {where} must be one of {', '.join(PRECISIONS)} or null"
+        )
+    if env not in (None, "no", value):
+        raise ConfigError(
+            f"mixed_precision={value} in {where} conflicts with ACCELERATE_MIXED_PRECISION={env} (from the "
+            "environment: `accelerate launch --mixed_precision` or `accelerate config`); make them agree, or set "
+            "mixed_precision=null to use accelerate's"
+        )
+    return value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple = (), require_teacher: bool = True
+) -> TrainConfig:
+    """Load a recipe and apply ``key=value`` overrides (dotted keys reach sections: ``dmd2.generator_lr=1e-5``).
+    ``mixed_precision`` comes back resolved (``resolve_mixed_precision``): the value the run will use."""
     layers = [(str(path), _read_file(path))] if path is not None else []
     layers.append(("command-line overrides", _parse_overrides(list(overrides))))
     cfg = build_config(layers)
-    if cfg.teacher in (None, "", "???"):
+    if require_teacher and cfg.teacher in (None, "", "???"):
         raise ConfigError(
             "no teacher given: set `teacher=<local diffusers folder>` in the config or on the command line"
         )
+    where = [w for w, data in layers if data.get("mixed_precision") is not None]
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, where[-1] if where else "the config")
     return cfg
 
 
@@ -228,3 +272,55 @@ def to_dict(cfg: TrainConfig) -> dict:
 
 def from_dict(data: dict) -> TrainConfig:
     return build_config([("saved config", data)])
+
+
+def field_comments(schema: type) -> dict[str, str]:
+    """Each field's trailing ``# ...`` comment in the source of the dataclass ``schema`` (and its dataclass bases),
+    the comments of a field written over several lines joined; {} where the source cannot be read."""
+    out: dict[str, str] = {}
+    for cls in reversed([c for c in schema.__mro__ if dataclasses.is_dataclass(c)]):
+        try:
+            source = textwrap.dedent(inspect.getsource(cls))
+        except (OSError, TypeError):
+            continue
+        comments = {  # line number -> comment text
+            tok.start[0]: tok.string.lstrip("#").strip()
+            for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type == tokenize.COMMENT
+        }
+        for node in ast.parse(source).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                lines = range(node.lineno, node.end_lineno + 1)
+                text = " ".join(comments[n] for n in lines if n in comments)
+                if text:
+                    out[node.target.id] = text
+    return out
+
+
+def _flow(value: Any) -> str:
+    """A value as YAML writes it on one line (``null``, ``'no'``, ``[0.9, 0.999]``)."""
+    return yaml.safe_dump([value], default_flow_style=True, width=10**9, allow_unicode=True).strip()[1:-1]
+
+
+def _describe(value: Any, default: Any, indent: str) -> list[str]:
+    comments = field_comments(type(value))
+    lines = []
+    for f in dataclasses.fields(value):
+        if f.name in _NOT_KEYS:
+            continue
+        current, initial = getattr(value, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(current):
+            lines += [f"{indent}{f.name}:", *_describe(current, initial, indent + "  ")]
+            continue
+        meaning = f"; {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"{indent}{f.name}: {_flow(current)}  # default {_flow(initial)}{meaning}")
+    return lines
+
+
+def describe(cfg: TrainConfig) -> str:
+    """Every key of a run's config, shared and the method's section (recursively), as YAML: its current value, and
+    in a comment its default and its meaning (the field's comment in the dataclass source, where it has one)."""
+    lines = _describe(cfg, TrainConfig(), "")
+    if cfg.section is not None:
+        lines += [f"{cfg.method}:", *_describe(cfg.section, type(cfg.section)(), "  ")]
+    return "\n".join(lines)

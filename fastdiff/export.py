@@ -216,11 +216,22 @@ def _self_check(
 
 @torch.no_grad()
 def _sample_grid(pipe, recipe: Recipe, out: Path, inputs: list[dict]) -> Path:
+    """One row of samples; for image inputs (an upscaler) a before/after grid: the inputs (nearest-neighbour
+    enlarged to the output size) above the outputs."""
+    import torch.nn.functional as F
+
     step = recipe.for_steps()
-    images = [_run(pipe, step, call, i, output_type="pt")[0] for i, call in enumerate(inputs)]
+    images = torch.stack([_run(pipe, step, call, i, output_type="pt")[0] for i, call in enumerate(inputs)])
+    rows = 1
+    if all("image" in call for call in inputs):
+        before = torch.stack(
+            [torch.from_numpy(np.asarray(c["image"].convert("RGB"))).permute(2, 0, 1) for c in inputs]
+        )
+        before = F.interpolate(before.float() / 255, size=images.shape[-2:], mode="nearest")
+        images, rows = torch.cat([before, images.float().cpu()]), 2
     (out / "samples").mkdir(exist_ok=True)
     path = out / "samples" / "export_grid.png"
-    image_grid(torch.stack(images), rows=1).save(path)
+    image_grid(images, rows=rows).save(path)
     return path
 
 

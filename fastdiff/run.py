@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-from .config import TrainConfig, load_config, to_dict
+from .config import ConfigError, TrainConfig, describe, load_config, resolve_mixed_precision, to_dict
+from .logs import quiet_libraries, setup_logging
 
 logger = logging.getLogger("fastdiff")
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -79,11 +83,57 @@ def make_validate_fn(cfg: TrainConfig, method, teacher, resolution, latent_shape
         images = teacher.decode(x0)
         samples.mkdir(parents=True, exist_ok=True)
         image_grid(images, rows=len(cfg.validation_prompts)).save(samples / f"step-{step:06d}.png")
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("validation", images.cpu().numpy(), step, dataformats="NCHW")
+        log_validation_images(accelerator, images, step)
 
     return validate
+
+
+def log_validation_images(accelerator, images: torch.Tensor, step: int) -> None:
+    """[N, 3, H, W] images in [0, 1] to the active trackers that take images: tensorboard and wandb."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", images.cpu().numpy(), step, dataformats="NCHW")
+        elif tracker.name == "wandb":  # accelerate's tracker wraps each array in a wandb.Image
+            arrays = (images.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
+            tracker.log_images({"validation": list(arrays)}, step=step)
+
+
+ATTENTION = ("sdpa", "xformers")
+
+
+def check_attention(attention: str, device: torch.device) -> None:
+    """Refuse an ``attention`` setting the run cannot use: xformers needs a CUDA device and the package."""
+    if attention not in ATTENTION:
+        raise ConfigError(f"attention={attention} is not one of {', '.join(ATTENTION)}")
+    if attention != "xformers":
+        return
+    if torch.device(device).type != "cuda":
+        raise ConfigError(
+            f"attention=xformers needs a CUDA GPU (xformers is GPU-only) and this run is on {device}; "
+            "use attention=sdpa"
+        )
+    if importlib.util.find_spec("xformers") is None:
+        raise ConfigError(
+            "attention=xformers needs xformers, which is not installed: pip install 'fastdiff[xformers]'"
+        )
+
+
+def use_attention(attention: str, modules) -> int:
+    """With attention=xformers, switch every diffusers UNet among ``modules`` (and their submodules) to xformers'
+    memory-efficient attention; sdpa (diffusers' default) changes nothing. Returns the number of UNets switched."""
+    if attention != "xformers":
+        return 0
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    unets = {
+        id(m): m
+        for root in modules
+        for m in root.modules()
+        if isinstance(m, (UNet2DConditionModel, UNet2DModel))
+    }
+    for unet in unets.values():
+        unet.enable_xformers_memory_efficient_attention()
+    return len(unets)
 
 
 def cpu_threads(setting: int | None, num_processes: int) -> int | None:
@@ -115,7 +165,7 @@ def run_context(cfg: TrainConfig, teacher, accelerator=None, with_data: bool = T
         from .methods import registry
 
         if ctx.dataset is None and ctx.prompts is None and not registry.get(cfg.method).own_data:
-            raise ValueError(
+            raise ConfigError(
                 "no training prompts: set `prompts=<file.txt|.jsonl>` or `dataset=<image folder>`"
             )
     return ctx
@@ -123,6 +173,11 @@ def run_context(cfg: TrainConfig, teacher, accelerator=None, with_data: bool = T
 
 def train(cfg: TrainConfig) -> Path:
     """Run one distillation from its config; returns the output folder."""
+    with quiet_libraries():
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> Path:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
@@ -132,20 +187,22 @@ def train(cfg: TrainConfig) -> Path:
     from .trainer import Trainer, make_accelerator
 
     out = Path(cfg.output_dir)
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)  # what checkpoints record: what runs
     AcceleratorState._reset_state()  # a second run in one process may use another precision (keeps the process group)
     accelerator = make_accelerator(cfg)
+    check_attention(cfg.attention, accelerator.device)
     threads = cpu_threads(cfg.cpu_threads, accelerator.num_processes)
     if threads and accelerator.device.type == "cpu":
         torch.set_num_threads(threads)
-    logging.basicConfig(
-        level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s"
-    )
+    setup_logging(accelerator.is_main_process)
     set_seed(cfg.seed)  # the same on every rank: identical initial weights everywhere
     teacher = Teacher(cfg.teacher, device=accelerator.device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
+    use_attention(cfg.attention, [teacher.unet])
     ctx = run_context(cfg, teacher, accelerator)
     method_cls = registry.get(cfg.method)
     ctx.prepared = method_cls.prepare(ctx)  # the method's stage before training, if it has one
     method = method_cls.build(ctx)
+    use_attention(cfg.attention, [method])  # the UNets the method built (copies, students) as well
     batch_fn = method.batch_source(ctx) or make_batch_fn(
         cfg,
         teacher,
@@ -221,25 +278,53 @@ def prepare(cfg: TrainConfig):
     from .methods import registry
     from .teacher import Teacher
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = Teacher(cfg.teacher, device=device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
-    return registry.get(cfg.method).prepare(run_context(cfg, teacher))
+    setup_logging()
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_attention(cfg.attention, device)
+    with quiet_libraries():
+        teacher = Teacher(cfg.teacher, device=device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
+        use_attention(cfg.attention, [teacher.unet])
+        return registry.get(cfg.method).prepare(run_context(cfg, teacher))
 
 
-def parse_train_args(argv=None) -> TrainConfig:
+def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill",
         description="Distil a diffusion teacher into a few-step generator (accelerate launch ...).",
     )
     parser.add_argument("--config", help="recipe YAML (assets/configs/...)")
+    from .cli import PRINT_CONFIG_HELP
+
+    parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     parser.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. teacher=/models/sdxl max_steps=20"
     )
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides)
+    return parser
+
+
+def _fail(error: Exception) -> NoReturn:
+    print(f"fastdiff: error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv=None) -> None:
+    """``train/distill.py`` and ``fastdiff train``: train, or (``--print-config``) print the config. An error while
+    the config loads, and a config or teacher error while training, is one ``fastdiff: error: ...`` line on stderr
+    and exit status 2."""
+    from .teacher import TeacherError
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(parse_train_args(argv))
+    args = train_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, require_teacher=not args.print_config)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    if args.print_config:
+        print(f"# {args.config or 'defaults'} + overrides; each key: its value  # its default; its meaning")
+        print(describe(cfg))
+        return
+    try:
+        train(cfg)
+    except (ConfigError, TeacherError, FileNotFoundError) as e:
+        _fail(e)

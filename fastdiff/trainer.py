@@ -10,6 +10,7 @@ UNet), which DDP's forward hooks cannot follow.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, ProjectConfiguration
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .methods.base import Group, Method
 
@@ -73,14 +75,46 @@ def make_optimizer(group: Group, device=None) -> torch.optim.Optimizer:
     raise ValueError(f"group {group.name!r}: unknown optimizer {group.optimizer!r} (adamw, adamw8bit)")
 
 
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # either one will do
+
+
+def trackers(report_to: str) -> list[str]:
+    """The trackers ``report_to`` names: none, tensorboard, wandb, a comma list of them, or all (those installed).
+    A named tracker whose package is missing is an error here, before training (accelerate would only warn and
+    train without logs)."""
+    from .config import ConfigError
+
+    names = [n.strip() for n in str(report_to).split(",") if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    installed = [n for n, pkgs in TRACKER_PACKAGES.items() if any(importlib.util.find_spec(p) for p in pkgs)]
+    if names == ["all"]:
+        if not installed:
+            raise ConfigError("report_to=all: no tracker is installed; pip install tensorboard (or wandb)")
+        return installed
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(
+                f"report_to: unknown tracker {name!r}; use none, tensorboard, wandb, tensorboard,wandb or all"
+            )
+        if name not in installed:
+            raise ConfigError(
+                f"report_to={report_to} needs the {name} package, which is not installed: pip install {name}"
+            )
+    return list(dict.fromkeys(names))
+
+
 def make_accelerator(cfg) -> Accelerator:
-    """The Accelerator of a run. Autocast's weight-cast cache is off: a method may call a network without grad
-    (backward simulation) and then with grad in one autocast region, and cached casts would make gradient
-    checkpointing recompute a different graph."""
+    """The Accelerator of a run, in the run's precision (``config.resolve_mixed_precision``) and with its trackers
+    (``trackers``). Autocast's weight-cast cache is off: a method may call a network without grad (backward
+    simulation) and then with grad in one autocast region, and cached casts would make gradient checkpointing
+    recompute a different graph."""
+    from .config import resolve_mixed_precision
+
     out = Path(cfg.output_dir)
     return Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        log_with=trackers(cfg.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
     )
@@ -172,7 +206,7 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> None:
         acc, cfg = self.accelerator, self.cfg
-        if cfg.report_to != "none":
+        if trackers(cfg.report_to):
             acc.init_trackers(cfg.tracker_project, config=_flat_config(self.config_dict))
         if cfg.resume_from_checkpoint:
             path = find_checkpoint(self.output_dir, cfg.resume_from_checkpoint)
@@ -184,19 +218,20 @@ class Trainer:
             {} if acc.is_local_main_process else {"disable": True}
         )  # leave TQDM_DISABLE in charge on rank 0
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", **quiet)
-        while self.step < cfg.max_steps:
-            self.train_step()
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in self.last_terms.items()}, refresh=False)
-            acc.log({**self.last_terms, "nonfinite_total": self.nonfinite_total}, step=self.step)
-            if self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_steps:
-                self.save_checkpoint()
-            if self.validate_fn is not None and (
-                self.step % cfg.validation_steps == 0 or self.step == cfg.max_steps
-            ):
-                if acc.is_main_process:
-                    self.validate_fn(self.step)
-                acc.wait_for_everyone()
+        with logging_redirect_tqdm():  # log lines (a checkpoint saved, a skipped update) print above the bar
+            while self.step < cfg.max_steps:
+                self.train_step()
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in self.last_terms.items()}, refresh=False)
+                acc.log({**self.last_terms, "nonfinite_total": self.nonfinite_total}, step=self.step)
+                if self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_steps:
+                    self.save_checkpoint()
+                if self.validate_fn is not None and (
+                    self.step % cfg.validation_steps == 0 or self.step == cfg.max_steps
+                ):
+                    if acc.is_main_process:
+                        self.validate_fn(self.step)
+                    acc.wait_for_everyone()
         bar.close()
 
     def train_step(self) -> dict[str, float]:
@@ -318,6 +353,7 @@ class Trainer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._prune(root)
+            logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
         return final
 

@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("ACCELERATE_MIXED_PRECISION", None)  # in-process runs take their precision from their configs
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -112,3 +112,55 @@ def test_prepare_of_a_method_without_a_stage(tiny_teachers, tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "unknown method 'nosuch'" in err and "dmd2" in err and "agd" in err
+
+
+def test_help_summary_lists_every_command():
+    import argparse
+
+    from fastdiff.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(sub.choices) >= 10
+    for name in sub.choices:
+        assert name in parser.description, name
+
+
+def test_generate_options_are_explained(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--out OUT image file (default: sample.png)" in text
+    assert "--seed SEED seed of the initial noise (default: 0)" in text
+    assert "--num-images NUM_IMAGES images of the prompt (default: 1)" in text
+
+
+def test_demo_method_lists_the_digits_recipes(capsys):
+    from fastdiff.paths import asset
+
+    recipes = sorted(p.stem.removeprefix("digits_") for p in asset("configs").glob("digits_*.yaml"))
+    assert "dmd2" in recipes and "lcm" in recipes
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--method", "nosuch"])
+    assert info.value.code == 2
+    assert f"choose from {', '.join(repr(r) for r in recipes)}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "{" + ",".join(recipes) + "}" in capsys.readouterr().out
+
+
+def test_train_print_config_and_its_help(capsys, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    main(["train", "--print-config", "method=sid", "max_steps=3"])  # no teacher needed to print
+    lines = capsys.readouterr().out.splitlines()
+    assert "max_steps: 3  # default 1000" in lines and "sid:" in lines
+    assert "teacher: null  # default null; local diffusers pipeline folder" in lines
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--print-config" in capsys.readouterr().out
+    from fastdiff.run import main as distill
+
+    with pytest.raises(SystemExit):
+        distill(["--help"])  # train/distill.py's
+    assert "--print-config" in capsys.readouterr().out

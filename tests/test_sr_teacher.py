@@ -17,6 +17,7 @@ from fastdiff.sr.teacher import (
     build_vae,
     evaluate,
     folder_mb,
+    init_as_resampler,
     load_teacher_config,
     rescale_latents,
     train_stage,
@@ -119,7 +120,31 @@ def test_twenty_iterations_write_a_pipeline_that_diffusers_runs(tmp_path):
 
     result = info["stats"]["evaluate"]
     assert result["patches"] == 4 and result["num_inference_steps"] == 20
-    assert set(result["teacher"]) >= {"psnr_y_mean", "psnr_y_pooled", "ssim_y_mean"}
+    assert set(result["teacher"]) >= {"psnr_y_image", "psnr_y_mean", "psnr_y_pooled", "ssim_y_mean"}
     assert result["bicubic"]["psnr_y_mean"] > 20 and isinstance(result["ship"], bool)
     again = evaluate(out, max_patches=2)
     assert again["patches"] == 2 and again["noise_level"] == 20
+
+
+def test_the_resampler_start_passes_the_image_through():
+    """vae.init=resampler: the encoder writes the 4x4 box average of the image into latent channels 0-2 (0 into
+    channel 3) through the GroupNorm at its end; the decoder gives back a constant image exactly and a smooth one
+    up to interpolation, through its own GroupNorm."""
+    vae = build_vae(VAEConfig(block_out_channels=[16, 32, 32], norm_num_groups=4), 0)
+    init_as_resampler(vae)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+        box = torch.nn.functional.avg_pool2d(x, 4)
+        assert (post.mean[:, :3] - box).abs().max() < 2e-3 and post.mean[:, 3].abs().max() < 1e-6
+        assert torch.allclose(post.std, torch.full_like(post.std, float(torch.exp(torch.tensor(-5.0)))))
+        flat = torch.full((1, 4, 8, 8), 0.3)
+        flat[:, 3] = 0
+        out = vae.decode(flat).sample
+        assert (out[..., 8:-8, 8:-8] - 0.3).abs().max() < 2e-3  # the interior (borders see zero padding)
+        ramp = torch.linspace(-0.5, 0.5, 8).expand(1, 3, 8, 8)
+        smooth = vae.decode(torch.cat([ramp, torch.zeros(1, 1, 8, 8)], 1)).sample
+        target = torch.nn.functional.interpolate(ramp, scale_factor=4, mode="bilinear", align_corners=False)
+        assert (smooth - target)[..., 8:-8, 8:-8].abs().max() < 0.02
+    with pytest.raises(ConfigError, match="groups"):
+        init_as_resampler(build_vae(VAEConfig(block_out_channels=[8, 16, 16], norm_num_groups=8), 0))

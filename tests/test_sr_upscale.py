@@ -104,6 +104,9 @@ def test_bad_inputs_are_clear_errors(export, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:  # the CLI says what is wrong, exit code 2, no traceback
         main(["upscale", str(export), str(text), "--out", str(tmp_path / "o.png")])
     assert info.value.code == 2 and "not an image" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an upscaler export is not a text-to-image generator
+        main(["generate", str(export), "a cat", "--out", str(tmp_path / "g.png")])
+    assert "fastdiff upscale" in capsys.readouterr().err
 
 
 def test_modes_convert_to_rgb():

@@ -80,14 +80,14 @@ class VAEConfig(StageConfig):
     layers_per_block: int = 1
     norm_num_groups: int = 16
     kl_weight: float = 1e-6  # times the KL summed over latent elements, per image
-    patch_size: int | None = (
-        None  # side of the HR crops it trains on (null: the recipe's patch_size); the VAE is
-    )
-    # convolutional, so smaller crops train it faster per step
-    align_weight: float = (
-        0.0  # weight of ||posterior mean[:3] - LR||²: latents whose first 3 channels are the LR
-    )
-    # image (the UNet then mostly copies its conditioning and generates the 4th channel)
+    # side of the HR crops it trains on (null: the recipe's patch_size); the VAE is convolutional, so smaller crops
+    # train it faster per step
+    patch_size: int | None = None
+    # random | resampler: start as a box-down / linear-up resampler that training adds to (init_as_resampler)
+    init: str = "random"
+    # weight of ||posterior mean[:3] - LR||²: latents whose first 3 channels are the LR image (the UNet then mostly
+    # copies its conditioning and generates the 4th channel)
+    align_weight: float = 0.0
 
 
 @dataclass
@@ -501,6 +501,10 @@ def train_teacher(cfg: SRTeacherConfig, out: str | Path, resume: bool = False) -
         print(f"[vae] trained VAE loaded from {vae_dir}", flush=True)
     else:
         vae = build_vae(cfg.vae, cfg.seed)
+        if cfg.vae.init == "resampler":
+            init_as_resampler(vae)
+        elif cfg.vae.init != "random":
+            raise ConfigError(f"vae.init must be random or resampler, got {cfg.vae.init!r}")
         vae_loss = vae_loss_fn(vae, cfg.vae, cfg.seed, cfg.patch_size)
         stats["vae"] = train_stage("vae", vae, vae_loss, cfg.vae, state_dir, resume)
         std = latent_std(vae, cfg.seed, cfg.patch_size)
@@ -646,3 +650,122 @@ def evaluate(
     result["ship"] = bool(result["teacher"]["psnr_y_image"] > result["bicubic"]["psnr_y_image"])
     print(f"[evaluate] {json.dumps(result)}", flush=True)
     return result
+
+
+def _constant_groups(norm, out_conv, level: float, shift: float):
+    """The output end of an identity-initialised encoder or decoder: GroupNorm ``norm`` groups c = 0, 1, 2 hold
+    (x_c, -x_c, L, -L, 0, ...) (whoever feeds them puts them there), so each group's mean is 0 and its variance
+    ~2L²/n whatever x is (n channels per group): its scale L·sqrt(2/n) gives x back (relative error
+    mean(x²)/2L²); a shift keeps the SiLU after it linear (error ~shift·e^-shift), which ``out_conv``'s bias
+    removes: ``out_conv`` channel c = x_c."""
+    n = norm.num_channels // norm.num_groups
+    if n < 4 or norm.num_groups < 3:
+        raise ConfigError(
+            f"vae.init=upsampler needs >= 3 groups of >= 4 channels in GroupNorm({norm.num_groups}, "
+            f"{norm.num_channels}): choose vae.norm_num_groups dividing every block's channels into groups of >= 4"
+        )
+    norm.weight.zero_()
+    norm.bias.zero_()
+    out_conv.weight.zero_()
+    out_conv.bias.zero_()
+    for c in range(3):
+        norm.weight[n * c] = level * math.sqrt(2 / n)
+        norm.bias[n * c] = shift
+        out_conv.weight[c, n * c, 1, 1] = 1.0
+        out_conv.bias[c] = -shift
+    return n
+
+
+def _split_signs(conv, n: int):
+    """A 1x1 channel-changing shortcut that writes x_c and -x_c into group c (channels n c, n c + 1)."""
+    conv.weight.zero_()
+    conv.bias.zero_()
+    for c in range(3):
+        conv.weight[n * c, c] = 1.0
+        conv.weight[n * c + 1, c] = -1.0
+
+
+def _identity_blocks(module):
+    """Zero every resnet branch and attention output inside ``module``: each block passes its input through."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    for m in module.modules():
+        if isinstance(m, ResnetBlock2D):
+            m.conv2.weight.zero_()
+            m.conv2.bias.zero_()
+        elif isinstance(m, Attention):
+            m.to_out[0].weight.zero_()
+            m.to_out[0].bias.zero_()
+
+
+def _per_channel(conv, kernel: torch.Tensor, channels: int):
+    conv.weight.zero_()
+    if conv.bias is not None:
+        conv.bias.zero_()
+    for c in range(channels):
+        conv.weight[c, c, : kernel.shape[0], : kernel.shape[1]] = kernel
+
+
+@torch.no_grad()
+def init_as_resampler(
+    vae, sharpen: float = 0.2, level: float = 50.0, shift: float = 12.0, logvar: float = -10.0
+):
+    """Start the VAE as a resampler (``vae.init=upsampler``): the encoder writes a box-downscaled image into latent
+    channels 0-2 (what ``VAEConfig.align_weight`` keeps them near: the LR image) and 0 into channel 3, with posterior
+    log-variance ``logvar``; the decoder upsamples channels 0-2 back (a sharpening 3x3 prefilter, then linear
+    interpolation x2 per level). Every resnet branch and attention output starts at zero (the blocks are
+    identities), so training adds to a resampler rather than learning interpolation from scratch (a residual start,
+    as in VDSR); on the held-out patches' interiors the start equals bicubic's PSNR, the patch borders (zero
+    padding) are left to training. GroupNorm at each end keeps the image through ``_constant_groups``."""
+    enc, dec = vae.encoder, vae.decoder
+    box = torch.full((2, 2), 0.25)  # Downsample2D pads (0, 1, 0, 1), so taps 0-1 are pixels 2i, 2i+1
+    k1 = torch.tensor([-sharpen, 1 + 2 * sharpen, -sharpen])
+    lin = torch.tensor([1.0, 2.0, 1.0]) / 4  # after nearest x2: linear interpolation at half-pixel offsets
+    _identity_blocks(enc)
+    _identity_blocks(dec)
+    # encoder: image -> box-downscaled image in channels 0-2 of the last block, as (x, -x, L, -L) groups
+    _per_channel(
+        enc.conv_in, torch.zeros(3, 3).index_put_((torch.tensor(1), torch.tensor(1)), torch.tensor(1.0)), 3
+    )
+    for block in enc.down_blocks:
+        for down in block.downsamplers or []:
+            _per_channel(down.conv, box, down.conv.out_channels)
+    shortcuts = [r for b in enc.down_blocks for r in b.resnets if r.conv_shortcut is not None]
+    n = enc.conv_norm_out.num_channels // enc.conv_norm_out.num_groups
+    if not shortcuts:
+        raise ConfigError(
+            "vae.init=upsampler needs a channel change in the encoder (block_out_channels rising)"
+        )
+    for r in shortcuts[:-1]:
+        _per_channel(r.conv_shortcut, torch.ones(1, 1), 3)
+    _split_signs(shortcuts[-1].conv_shortcut, n)
+    last = enc.mid_block.resnets[-1].conv2
+    for c in range(3):
+        last.bias[n * c + 2], last.bias[n * c + 3] = level, -level
+    _constant_groups(enc.conv_norm_out, enc.conv_out, level, shift)
+    enc.conv_out.bias[vae.config.latent_channels :] = logvar
+    eye = torch.eye(2 * vae.config.latent_channels)
+    vae.quant_conv.weight.copy_(eye[:, :, None, None])
+    vae.quant_conv.bias.zero_()
+    # decoder: latent channels 0-2 -> upsampled image
+    eye = torch.eye(vae.config.latent_channels)
+    vae.post_quant_conv.weight.copy_(eye[:, :, None, None])
+    vae.post_quant_conv.bias.zero_()
+    _per_channel(dec.conv_in, torch.outer(k1, k1), 3)
+    for block in dec.up_blocks:
+        for up in block.upsamplers or []:
+            _per_channel(up.conv, torch.outer(lin, lin), up.conv.out_channels)
+    shortcuts = [r for b in dec.up_blocks for r in b.resnets if r.conv_shortcut is not None]
+    if not shortcuts:
+        raise ConfigError(
+            "vae.init=upsampler needs a channel change in the decoder (block_out_channels rising)"
+        )
+    n = dec.conv_norm_out.num_channels // dec.conv_norm_out.num_groups
+    for r in shortcuts[:-1]:
+        _per_channel(r.conv_shortcut, torch.ones(1, 1), 3)
+    _split_signs(shortcuts[-1].conv_shortcut, n)
+    last = dec.up_blocks[-1].resnets[-1].conv2
+    for c in range(3):
+        last.bias[n * c + 2], last.bias[n * c + 3] = level, -level
+    _constant_groups(dec.conv_norm_out, dec.conv_out, level, shift)

@@ -194,6 +194,50 @@ class TADSR(Method):
             call_extra={"noise_level": self.noise_level},
         )  # fmt: skip
 
+    def model_card(self, recipe: dict, grid: str) -> str:
+        level = recipe["noise_level"]
+        lora = ""
+        if recipe.get("lora"):
+            lora = f"""
+## As a LoRA on the teacher
+
+```python
+from diffusers import StableDiffusionUpscalePipeline, {recipe["scheduler"]}
+
+pipe = StableDiffusionUpscalePipeline.from_pretrained("{recipe["teacher"]}")
+pipe.load_lora_weights("lora")  # or weight_name="kohya_lora.safetensors"
+pipe.fuse_lora(lora_scale={recipe["lora_scale"]})
+pipe.scheduler = {recipe["scheduler"]}.from_pretrained("pipeline", subfolder="scheduler")
+```
+"""
+        return f"""---
+library_name: diffusers
+tags: [fastdiff, tadsr, super-resolution, distillation]
+---
+# TAD-SR one-step x4 upscaler distilled from `{recipe["teacher"]}`
+
+Distilled with fastdiff {recipe["fastdiff_version"]} (TAD-SR: regression to the teacher's multi-step output,
+high-frequency score distillation, time-aware discriminator). One UNet call at t = {recipe["timesteps"][0]}; trained
+at noise level {level}.
+
+```python
+from diffusers import StableDiffusionUpscalePipeline
+from PIL import Image
+
+pipe = StableDiffusionUpscalePipeline.from_pretrained("pipeline")
+low_res = Image.open("input.png").convert("RGB")
+image = pipe(prompt="", image=low_res, num_inference_steps=1, guidance_scale=0.0, noise_level={level}).images[0]
+```
+
+or `fastdiff upscale . input.png --out output.png` (any size: tiles large inputs; grey and RGBA are converted).
+{lora}
+## Before / after
+
+Held-out low-resolution patches (top, enlarged) and the student's output (bottom):
+
+![before and after]({grid})
+"""
+
     # --- construction ---------------------------------------------------------------------------------------------
     @classmethod
     def prepare(cls, ctx: RunContext):
