@@ -259,3 +259,24 @@ def test_recipe_for_steps_is_the_one_rule_for_step_counts():
     # a round trip through fastdiff.json keeps the rule
     back = Recipe.from_json(recipe.to_json())
     assert back.allowed_steps() == [1, 2, 3, 4] and back.to_json() == recipe.to_json()
+
+
+def test_call_extra_reaches_every_step_count_and_survives_fastdiff_json():
+    """An upscaler's noise_level: a top-level fastdiff.json key and an argument of every call."""
+    from fastdiff.recipe import StepRecipe
+
+    recipe = Recipe(
+        "tadsr", 1, 0.0, [999], "LCMScheduler", {"original_inference_steps": 1}, step_counts=[1, 2],
+        recipes={2: StepRecipe(2, 0.0, call_extra={"eta": 0.3})}, call_extra={"noise_level": 20},
+    )  # fmt: skip
+    data = recipe.to_json()
+    assert data["noise_level"] == 20 and data["call_extra"] == ["noise_level"]
+    back = Recipe.from_json(data)
+    assert back.for_steps().call_kwargs() == {
+        "num_inference_steps": 1,
+        "guidance_scale": 0.0,
+        "noise_level": 20,
+    }
+    assert back.for_steps(2).call_kwargs()["noise_level"] == 20
+    assert recipe.for_steps(2).call_kwargs()["eta"] == 0.3
+    assert Recipe.from_json(Recipe("dmd2", 1, 0.0, [999], "LCMScheduler").to_json()).call_extra == {}

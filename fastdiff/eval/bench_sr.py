@@ -5,9 +5,9 @@ antialiased bicubic x4, 8-bit) as a user would (PIL LR images in, 8-bit images o
 (fastdiff.json's ``teacher``, its own saved scheduler) at each of ``teacher_steps``, and the student as its
 fastdiff.json says. Columns: PSNR-Y per image (each photo's patches pooled, then the mean over photos), per patch and
 pooled over all patches, SSIM-Y per patch, LR consistency (PSNR-Y of the output downscaled again vs the LR input),
-and latency (seconds per patch at batch 1, the median of ``latency_reps`` calls; and per patch when the whole grid
-runs in batches). Writes bench.json, bench.md and grid.png (columns: LR (nearest), bicubic, the teacher at its
-largest step count, the student, HR).
+and latency (seconds per patch at batch 1, the median of ``latency_reps`` calls, whole and up to the latents, i.e.
+without the VAE decode; and per patch when the whole grid runs in batches). Writes bench.json, bench.md and
+grid.png (columns: LR (nearest), bicubic, the teacher at 20 steps (else its largest step count), the student, HR).
 """
 
 from __future__ import annotations
@@ -65,13 +65,20 @@ def run_pipeline(
 
 
 @torch.no_grad()
-def latency(pipe, lr: torch.Tensor, call: dict, reps: int) -> float:
-    """Median seconds of one call on one patch (after one warm-up call)."""
+def latency(pipe, lr: torch.Tensor, call: dict, reps: int, output_type: str = "pt") -> float:
+    """Median seconds of one call on one patch (after one warm-up call); ``output_type="latent"`` stops before the
+    VAE decode (the denoising alone)."""
     image = to_pil(lr[0])
     times = []
     for i in range(reps + 1):
         t0 = time.perf_counter()
-        pipe(prompt="", image=image, **call, generator=torch.Generator().manual_seed(i), output_type="pt")
+        pipe(
+            prompt="",
+            image=image,
+            **call,
+            generator=torch.Generator().manual_seed(i),
+            output_type=output_type,
+        )
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
@@ -120,29 +127,34 @@ def run(
         raise ValueError(f"no held-out patches of size {size}")
     rows, outputs = [], {}
 
-    def add(name: str, pred: torch.Tensor, steps, seconds_batched, seconds_one):
+    def add(name: str, pred: torch.Tensor, steps, seconds_batched, pipe=None, kw=None):
         row = {"system": name, "steps": steps, **scores(pred, hr, lr, names)}
-        row.update(seconds_per_patch=seconds_one, seconds_per_patch_batched=seconds_batched, patches=len(hr))
+        one = latency(pipe, lr, kw, latency_reps) if pipe is not None else None
+        denoise = latency(pipe, lr, kw, latency_reps, "latent") if pipe is not None else None
+        row.update(seconds_per_patch=one, seconds_per_patch_denoise=denoise)
+        row.update(seconds_per_patch_batched=seconds_batched, patches=len(hr))
         rows.append(row)
         outputs[name] = pred
         print(json.dumps(row), flush=True)
 
     t0 = time.perf_counter()
     bicubic = _quantize(bicubic_upscale(lr))
-    add("bicubic", bicubic, None, (time.perf_counter() - t0) / len(lr), None)
+    add("bicubic", bicubic, None, (time.perf_counter() - t0) / len(lr))
     for k in teacher_steps:
         kw = {"num_inference_steps": k, "guidance_scale": 0.0, "noise_level": noise_level}
         pred, sec = run_pipeline(teacher, lr, kw, seed)
-        add(f"teacher-{k}", pred, k, sec, latency(teacher, lr, kw, latency_reps))
+        add(f"teacher-{k}", pred, k, sec, teacher, kw)
     pred, sec = run_pipeline(student, lr, call, seed)
     name = f"{data.get('method', 'student')}-{call['num_inference_steps']}"
-    add(name, pred, call["num_inference_steps"], sec, latency(student, lr, call, latency_reps))
+    add(name, pred, call["num_inference_steps"], sec, student, call)
 
     pick = torch.linspace(0, len(hr) - 1, min(GRID_PATCHES, len(hr))).round().long()
     nearest = torch.nn.functional.interpolate(
         lr[pick], scale_factor=hr.shape[-1] // lr.shape[-1], mode="nearest"
     )
-    best_teacher = f"teacher-{max(teacher_steps)}" if teacher_steps else "bicubic"
+    # the teacher row the student is judged against: 20 steps where benched (TAD-SR's targets), else the most
+    shown = 20 if 20 in teacher_steps else max(teacher_steps, default=None)
+    best_teacher = f"teacher-{shown}" if shown is not None else "bicubic"
     columns = [nearest, bicubic[pick], outputs[best_teacher][pick], outputs[name][pick], hr[pick]]
     grid = torch.stack(columns, 1).flatten(0, 1)
     image_grid((grid + 1) / 2, rows=len(pick)).save(out / "grid.png")
@@ -156,6 +168,6 @@ def write(rows: list[dict], out: Path, meta: dict) -> None:
 
     (Path(out) / "bench.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     keys = ["system", "steps", "psnr_y_image", "psnr_y_mean", "psnr_y_pooled", "ssim_y_mean", "lr_psnr_y",
-            "seconds_per_patch", "seconds_per_patch_batched"]  # fmt: skip
+            "seconds_per_patch", "seconds_per_patch_denoise", "seconds_per_patch_batched"]  # fmt: skip
     note = f"\nGrid columns: {', '.join(meta['grid_columns'])}.\n"
     (Path(out) / "bench.md").write_text(markdown_table(rows, keys) + note)
