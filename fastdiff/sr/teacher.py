@@ -661,7 +661,7 @@ def _constant_groups(norm, out_conv, level: float, shift: float):
     n = norm.num_channels // norm.num_groups
     if n < 4 or norm.num_groups < 3:
         raise ConfigError(
-            f"vae.init=upsampler needs >= 3 groups of >= 4 channels in GroupNorm({norm.num_groups}, "
+            f"vae.init=resampler needs >= 3 groups of >= 4 channels in GroupNorm({norm.num_groups}, "
             f"{norm.num_channels}): choose vae.norm_num_groups dividing every block's channels into groups of >= 4"
         )
     norm.weight.zero_()
@@ -711,7 +711,7 @@ def _per_channel(conv, kernel: torch.Tensor, channels: int):
 def init_as_resampler(
     vae, sharpen: float = 0.2, level: float = 50.0, shift: float = 12.0, logvar: float = -10.0
 ):
-    """Start the VAE as a resampler (``vae.init=upsampler``): the encoder writes a box-downscaled image into latent
+    """Start the VAE as a resampler (``vae.init=resampler``): the encoder writes a box-downscaled image into latent
     channels 0-2 (what ``VAEConfig.align_weight`` keeps them near: the LR image) and 0 into channel 3, with posterior
     log-variance ``logvar``; the decoder upsamples channels 0-2 back (a sharpening 3x3 prefilter, then linear
     interpolation x2 per level). Every resnet branch and attention output starts at zero (the blocks are
@@ -735,7 +735,7 @@ def init_as_resampler(
     n = enc.conv_norm_out.num_channels // enc.conv_norm_out.num_groups
     if not shortcuts:
         raise ConfigError(
-            "vae.init=upsampler needs a channel change in the encoder (block_out_channels rising)"
+            "vae.init=resampler needs a channel change in the encoder (block_out_channels rising)"
         )
     for r in shortcuts[:-1]:
         _per_channel(r.conv_shortcut, torch.ones(1, 1), 3)
@@ -759,7 +759,7 @@ def init_as_resampler(
     shortcuts = [r for b in dec.up_blocks for r in b.resnets if r.conv_shortcut is not None]
     if not shortcuts:
         raise ConfigError(
-            "vae.init=upsampler needs a channel change in the decoder (block_out_channels rising)"
+            "vae.init=resampler needs a channel change in the decoder (block_out_channels rising)"
         )
     n = dec.conv_norm_out.num_channels // dec.conv_norm_out.num_groups
     for r in shortcuts[:-1]:
