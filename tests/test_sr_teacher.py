@@ -18,6 +18,7 @@ from fastdiff.sr.teacher import (
     evaluate,
     folder_mb,
     init_as_resampler,
+    init_unet_as_copy,
     load_teacher_config,
     rescale_latents,
     train_stage,
@@ -40,7 +41,7 @@ TINY = [
     "unet.cross_attention=[false,true]",
     "unet.attention_heads=[1,2]",
     "unet.layers_per_block=1",
-    "unet.norm_num_groups=8",
+    "unet.norm_num_groups=4",  # groups of 4 at 16 channels (unet.init=copy)
     "unet.steps=20",
     "unet.batch_size=2",
     "unet.warmup_steps=2",
@@ -49,8 +50,8 @@ TINY = [
 
 def test_recipe_loads_and_bad_values_are_errors():
     cfg = load_teacher_config(RECIPE)
-    assert cfg.patch_size == 64 and cfg.noise_level == 20 and cfg.num_inference_steps == 20
-    assert cfg.unet.ema_decay == 0.999 and len(cfg.unet.block_out_channels) == len(cfg.unet.cross_attention)
+    assert cfg.patch_size == 64 and cfg.noise_level == 0 and cfg.num_inference_steps == 20
+    assert cfg.unet.ema_decay == 0.995 and len(cfg.unet.block_out_channels) == len(cfg.unet.cross_attention)
     with pytest.raises(ConfigError, match="unknown config key 'unet.stpes'"):
         load_teacher_config(RECIPE, ["unet.stpes=3"])
     with pytest.raises(ConfigError, match="noise_level"):
@@ -106,16 +107,16 @@ def test_twenty_iterations_write_a_pipeline_that_diffusers_runs(tmp_path):
     out = train_teacher(load_teacher_config(RECIPE, TINY), tmp_path / "sr")
     assert not (out / "_train_state").exists() and folder_mb(out) < 5
     info = json.loads((out / "fastdiff_teacher.json").read_text())
-    assert info["noise_level"] == 20 and info["num_inference_steps"] == 20 and info["guidance_scale"] == 0.0
+    assert info["noise_level"] == 0 and info["num_inference_steps"] == 20 and info["guidance_scale"] == 0.0
     assert info["stats"]["unet"]["steps"] == 20 and info["stats"]["vae"]["steps"] == 20
     assert abs(info["stats"]["vae"]["scaled_latent_std"] - 1.0) < 1e-3
 
     pipe = StableDiffusionUpscalePipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.config.in_channels == 7 and pipe.vae.config.scaling_factor == VAE_SCALING
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.prediction_type == "sample"  # the recipe's x0-predicting UNet
     lr = to_pil(grid_pairs("heldout").lr[0])
-    image = pipe(prompt="", image=lr, num_inference_steps=20, guidance_scale=0, noise_level=20).images[0]
+    image = pipe(prompt="", image=lr, num_inference_steps=20, guidance_scale=0, noise_level=0).images[0]
     assert image.size == (64, 64)
 
     result = info["stats"]["evaluate"]
@@ -123,7 +124,7 @@ def test_twenty_iterations_write_a_pipeline_that_diffusers_runs(tmp_path):
     assert set(result["teacher"]) >= {"psnr_y_image", "psnr_y_mean", "psnr_y_pooled", "ssim_y_mean"}
     assert result["bicubic"]["psnr_y_mean"] > 20 and isinstance(result["ship"], bool)
     again = evaluate(out, max_patches=2)
-    assert again["patches"] == 2 and again["noise_level"] == 20
+    assert again["patches"] == 2 and again["noise_level"] == 0
 
 
 def test_the_resampler_start_passes_the_image_through():
@@ -148,3 +149,28 @@ def test_the_resampler_start_passes_the_image_through():
         assert (smooth - target)[..., 8:-8, 8:-8].abs().max() < 0.02
     with pytest.raises(ConfigError, match="groups"):
         init_as_resampler(build_vae(VAEConfig(block_out_channels=[8, 16, 16], norm_num_groups=8), 0))
+
+
+def test_the_copy_start_predicts_the_lr_image_at_every_t():
+    """unet.init=copy: an x0-predicting UNet whose output channels 0-2 are gain x the LR conditioning (interior;
+    the borders see zero padding) and channel 3 is 0, whatever the noisy latents, t and noise level."""
+    from fastdiff.sr.teacher import TextConfig, UNetConfig, build_unet
+
+    cfg = UNetConfig(
+        block_out_channels=[16, 32], cross_attention=[False, True], attention_heads=[1, 2], layers_per_block=1,
+        norm_num_groups=4, prediction_type="sample",
+    )  # fmt: skip
+    unet = build_unet(cfg, TextConfig(hidden_size=16, intermediate_size=16), 0, sample_size=8)
+    init_unet_as_copy(unet, [1.5, 2.0, 0.5])
+    lr = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        for t, level in ((999, 0), (10, 300)):
+            x = torch.cat([torch.randn(2, 4, 8, 8), lr], 1)
+            out = unet(x, torch.full((2,), t), encoder_hidden_states=torch.randn(2, 77, 16),
+                       class_labels=torch.full((2,), level)).sample  # fmt: skip
+            want = lr * torch.tensor([1.5, 2.0, 0.5]).view(1, 3, 1, 1)
+            assert (out[:, :3] - want).abs().max() < 2e-3 and out[:, 3].abs().max() < 1e-4
+    with pytest.raises(ConfigError, match="prediction_type=sample"):
+        load_teacher_config(RECIPE, [*TINY, "unet.init=copy", "unet.prediction_type=v_prediction"])
+    with pytest.raises(ConfigError, match="unet.init"):
+        load_teacher_config(RECIPE, [*TINY, "unet.init=identity"])

@@ -112,6 +112,11 @@ class UNetConfig(StageConfig):
     noise_level_max: int | None = (
         None  # null: always the recipe's noise_level; else uniform in [0, max] (SD x4)
     )
+    # v_prediction (the real upscaler's) | sample (x0): what the UNet predicts (the saved scheduler says so)
+    prediction_type: str = "v_prediction"
+    # random | copy: start as a copy of the LR conditioning into latent channels 0-2 (init_unet_as_copy; needs
+    # prediction_type sample and a VAE trained with align_weight)
+    init: str = "random"
 
 
 @dataclass
@@ -154,6 +159,17 @@ def load_teacher_config(path: str | Path | None = None, overrides: list[str] | t
     cfg = load_recipe(SRTeacherConfig, path, overrides)
     if cfg.patch_size % (4 * SCALE):
         raise ConfigError(f"patch_size must be a multiple of {4 * SCALE}, got {cfg.patch_size}")
+    if cfg.unet.init not in ("random", "copy") or cfg.vae.init not in ("random", "resampler"):
+        raise ConfigError(f"unet.init must be random|copy and vae.init random|resampler, got {cfg.unet.init!r}, "
+                          f"{cfg.vae.init!r}")  # fmt: skip
+    if cfg.unet.init == "copy" and cfg.unet.prediction_type != "sample":
+        raise ConfigError(
+            "unet.init=copy starts the UNet as an x0 predictor: set unet.prediction_type=sample"
+        )
+    if cfg.unet.prediction_type not in ("v_prediction", "sample"):
+        raise ConfigError(
+            f"unet.prediction_type must be v_prediction or sample, got {cfg.unet.prediction_type!r}"
+        )
     if not 0 <= cfg.noise_level <= MAX_NOISE_LEVEL:
         raise ConfigError(f"noise_level must be in [0, {MAX_NOISE_LEVEL}], got {cfg.noise_level}")
     return cfg
@@ -229,8 +245,8 @@ def build_unet(cfg: UNetConfig, text: TextConfig, seed: int, sample_size: int = 
     )
 
 
-def build_scheduler():
-    """The real upscaler's sampling schedule (scaled_linear 0.0001-0.02, v-prediction) as DDIM, trailing spacing."""
+def build_scheduler(prediction_type: str = "v_prediction"):
+    """The real upscaler's sampling schedule (scaled_linear 0.0001-0.02) as DDIM, trailing spacing."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -238,7 +254,7 @@ def build_scheduler():
         beta_start=0.0001,
         beta_end=0.02,
         beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
+        prediction_type=prediction_type,
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
@@ -253,7 +269,7 @@ def build_low_res_scheduler():
     return tiny_low_res_scheduler()
 
 
-def assemble_pipeline(vae, text_encoder, unet):
+def assemble_pipeline(vae, text_encoder, unet, prediction_type: str = "v_prediction"):
     """The StableDiffusionUpscalePipeline around the trained parts."""
     from diffusers import StableDiffusionUpscalePipeline
 
@@ -265,7 +281,7 @@ def assemble_pipeline(vae, text_encoder, unet):
         tokenizer=make_tokenizer(),
         unet=unet,
         low_res_scheduler=build_low_res_scheduler(),
-        scheduler=build_scheduler(),
+        scheduler=build_scheduler(prediction_type),
         max_noise_level=MAX_NOISE_LEVEL,
     )
 
@@ -446,7 +462,8 @@ def unet_loss_fn(pipe, cfg: SRTeacherConfig, seed: int) -> Callable[[int], torch
         pred = pipe.unet(
             model_input, t, encoder_hidden_states=prompt.expand(b, -1, -1), class_labels=level
         ).sample
-        return F.mse_loss(pred, scheduler.get_velocity(z0, eps, t))
+        target = z0 if scheduler.config.prediction_type == "sample" else scheduler.get_velocity(z0, eps, t)
+        return F.mse_loss(pred, target)
 
     return loss
 
@@ -503,8 +520,6 @@ def train_teacher(cfg: SRTeacherConfig, out: str | Path, resume: bool = False) -
         vae = build_vae(cfg.vae, cfg.seed)
         if cfg.vae.init == "resampler":
             init_as_resampler(vae)
-        elif cfg.vae.init != "random":
-            raise ConfigError(f"vae.init must be random or resampler, got {cfg.vae.init!r}")
         vae_loss = vae_loss_fn(vae, cfg.vae, cfg.seed, cfg.patch_size)
         stats["vae"] = train_stage("vae", vae, vae_loss, cfg.vae, state_dir, resume)
         std = latent_std(vae, cfg.seed, cfg.patch_size)
@@ -519,7 +534,11 @@ def train_teacher(cfg: SRTeacherConfig, out: str | Path, resume: bool = False) -
     # 2. UNet
     text_encoder = build_text_encoder(cfg.text, len(make_tokenizer()), cfg.seed + 100)
     unet = build_unet(cfg.unet, cfg.text, cfg.seed + 200, cfg.patch_size // SCALE)
-    pipe = assemble_pipeline(vae, text_encoder, unet)
+    if cfg.unet.init == "copy":
+        gains = latent_gains(vae, cfg.seed, cfg.patch_size)
+        init_unet_as_copy(unet, gains)
+        stats["unet_copy_gains"] = gains
+    pipe = assemble_pipeline(vae, text_encoder, unet, cfg.unet.prediction_type)
     stats["params"] = {
         "vae": num_params(vae),
         "text_encoder": num_params(text_encoder),
@@ -769,3 +788,45 @@ def init_as_resampler(
     for c in range(3):
         last.bias[n * c + 2], last.bias[n * c + 3] = level, -level
     _constant_groups(dec.conv_norm_out, dec.conv_out, level, shift)
+
+
+@torch.no_grad()
+def latent_gains(vae, seed: int, patch_size: int, n: int = 256) -> list[float]:
+    """Per colour, the least-squares gain g_c with scaled latent channel c ~ g_c x LR channel c (the alignment the
+    VAE was trained with, in the pipeline's latent scale)."""
+    pairs = random_pairs(n, batch_generator(seed, 3, 0), "train", patch_size)
+    z = vae.encode(pairs.hr).latent_dist.mean * vae.config.scaling_factor
+    return [float((z[:, c] * pairs.lr[:, c]).sum() / pairs.lr[:, c].square().sum()) for c in range(3)]
+
+
+@torch.no_grad()
+def init_unet_as_copy(unet, gains: list[float], level: float = 50.0, shift: float = 12.0):
+    """Start an x0-predicting upscaler UNet as a copy of its conditioning: latent channels 0-2 = gain_c x the LR
+    image (input channels 4-6), channel 3 = 0. The path is conv_in's skip into the last resnet of the last up block
+    (its 1x1 shortcut reads only the LR copy), with every resnet branch and transformer output at zero so the
+    trunk, time and class embeddings start without effect; the final GroupNorm keeps the image through
+    ``_constant_groups``. Training adds to the copy (the UNet then learns the 4th channel and corrections)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    latent = unet.config.out_channels
+    for m in unet.modules():
+        if isinstance(m, ResnetBlock2D):
+            m.conv2.weight.zero_()
+            m.conv2.bias.zero_()
+        elif hasattr(m, "proj_out") and hasattr(m, "transformer_blocks"):
+            m.proj_out.weight.zero_()
+            m.proj_out.bias.zero_()
+    unet.conv_in.weight[:3].zero_()
+    unet.conv_in.bias[:3].zero_()
+    for c in range(3):
+        unet.conv_in.weight[c, latent + c, 1, 1] = 1.0
+    final = unet.up_blocks[-1].resnets[-1]
+    n = unet.conv_norm_out.num_channels // unet.conv_norm_out.num_groups
+    hidden = final.conv1.in_channels - unet.config.block_out_channels[0]  # cat([trunk, conv_in skip])
+    final.conv_shortcut.weight.zero_()
+    final.conv_shortcut.bias.zero_()
+    for c in range(3):
+        final.conv_shortcut.weight[n * c, hidden + c] = gains[c]
+        final.conv_shortcut.weight[n * c + 1, hidden + c] = -gains[c]
+        final.conv2.bias[n * c + 2], final.conv2.bias[n * c + 3] = level, -level
+    _constant_groups(unet.conv_norm_out, unet.conv_out, level, shift)
