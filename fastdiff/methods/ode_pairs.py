@@ -193,18 +193,9 @@ class PairStore(ShardReader):
 
     def pairs(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """noise, image (float32) and prompt_index of the given pairs."""
-        out: dict[str, list] = {"noise": [], "image": [], "prompt_index": []}
-        for j in indices:
-            k, i = self.locate(j)
-            f, small = self.shard(k)
-            for key in ("noise", "image"):  # float32 before the cat (CPU autocast refuses a float16 cat)
-                out[key].append(f.get_slice(key)[i : i + 1].float())
-            out["prompt_index"].append(small["prompt_index"][i])
-        return {
-            "noise": torch.cat(out["noise"]),
-            "image": torch.cat(out["image"]),
-            "prompt_index": torch.stack(out["prompt_index"]),
-        }
+        rec = self.rows(indices, ("noise", "image"))
+        small = [self.shard(k)[1]["prompt_index"][i] for k, i in map(self.locate, indices)]
+        return {**rec, "prompt_index": torch.stack(small)}
 
 
 def pair_sampler(store: PairStore, encode: Callable[[list[str]], object]):

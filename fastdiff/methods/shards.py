@@ -309,3 +309,14 @@ class ShardReader:
             self._files[k] = f
             self._small[k] = {key: f.get_tensor(key) for key in self.spec.keys if key not in large}
         return self._files[k], self._small[k]
+
+    def rows(self, indices: list[int], keys) -> dict[str, torch.Tensor]:
+        """The per-item tensors ``keys`` of the given items, float32, stacked in order (lazy slices; float32 before
+        the cat, as CPU autocast refuses a float16 cat)."""
+        out: dict[str, list] = {key: [] for key in keys}
+        for j in indices:
+            k, i = self.locate(j)
+            f, _ = self.shard(k)
+            for key in keys:
+                out[key].append(f.get_slice(key)[i : i + 1].float())
+        return {key: torch.cat(v) for key, v in out.items()}

@@ -174,10 +174,4 @@ class TargetStore(ShardReader):
 
     def items(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Every per-item tensor (float32) of the given items, stacked."""
-        out: dict[str, list] = {key: [] for key in KEYS if key != "item_index"}
-        for j in indices:
-            k, i = self.locate(j)
-            f, _ = self.shard(k)
-            for key in out:
-                out[key].append(f.get_slice(key)[i : i + 1].float())
-        return {key: torch.cat(v) for key, v in out.items()}
+        return self.rows(indices, [key for key in KEYS if key != "item_index"])
