@@ -25,7 +25,7 @@ def _train(args) -> None:
 def _export(args) -> None:
     from .run import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, teacher=args.teacher)
+    out = export_checkpoint(args.checkpoint, args.out, teacher=args.teacher, hub_layout=args.hub_layout)
     print(f"exported to {out}")
 
 
@@ -38,7 +38,11 @@ def _generate(args) -> None:
     data = read_recipe(folder)
     if data.get("pipeline_class") == "StableDiffusionUpscalePipeline":
         raise ValueError(f"{folder} is an upscaler export: run `fastdiff upscale {folder} IMAGE --out FILE`")
-    step = Recipe.from_json(data).for_steps(args.steps)  # the export's rule for the step counts it runs at
+    recipe = Recipe.from_json(data)
+    step = recipe.for_steps(args.steps)  # the export's rule for the step counts it runs at
+    warning = recipe.cfg_warning(args.guidance_scale)
+    if warning:
+        print(f"fastdiff: warning: {warning}", file=sys.stderr)
     pipe = load_step_pipeline(folder, step, data, use_safetensors=True)  # pipeline/, or teacher + step's LoRA
     apply_scheduler(pipe, step)
     kwargs = step.call_kwargs()
@@ -131,7 +135,41 @@ def _bench(args) -> None:
             if k is None or g is None:
                 raise SystemExit("--stack needs --export-steps and --export-guidance")
             systems.append(bench_quality.stacked_system(*args.stack, steps=k, guidance_scale=g))
-    bench_quality.run(systems, args.out or "bench", n=args.n, batch=args.batch)
+    from .data import load_prompts
+    from .eval.fid_inception import load_fid_inception
+    from .eval.reference_metrics import CLIPScore, InceptionReference
+
+    if bool(args.inception) != bool(args.reference_images):
+        raise SystemExit("fastdiff: error: FID/KID need both --inception FILE and --reference-images DIR")
+
+    def load(option: str, path: str | None, read):  # each option's file, read before any sampling
+        try:
+            return read(path) if path else None
+        except (OSError, ValueError, ImportError) as e:
+            raise SystemExit(f"fastdiff: error: {option}: {e}") from None
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = load("--prompts", args.prompts, load_prompts)
+    clip = load("--clip", args.clip, CLIPScore.load)
+    network = load("--inception", args.inception, load_fid_inception)
+    for model in (clip.model if clip else None, network):
+        if model is not None:
+            model.to(device)
+    inception = load(
+        "--reference-images", args.reference_images, lambda d: InceptionReference.from_folder(network, d)
+    )
+    bench_quality.run(
+        systems,
+        args.out or "bench",
+        n=args.n,
+        batch=args.batch,
+        prompts=prompts,
+        clip=clip,
+        inception=inception,
+        device=device,
+    )
 
 
 def _demo(args) -> None:
@@ -183,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoints/checkpoint-N folder")
     p.add_argument("--out", required=True, help="export folder")
     p.add_argument("--teacher", help="override the teacher folder recorded in the checkpoint")
+    p.add_argument(
+        "--hub-layout",
+        action="store_true",
+        help="write the pipeline at the export's root (model_index.json, components, README.md, fastdiff.json, "
+        "lora/ alongside): a folder DiffusionPipeline.from_pretrained loads and a model hub takes as a repo "
+        "(default: in pipeline/)",
+    )
     p.set_defaults(fn=_export)
 
     p = sub.add_parser("generate", help="sample an export with its recorded recipe")
@@ -249,6 +294,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="quality: AGD's adapters on a step-distilled student LoRA, at each --export-steps x --export-guidance",
     )
     p.add_argument("--n", type=int, default=1000, help="quality: images per system")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="quality: prompts (.txt one per line, e.g. COCO captions, or .jsonl), repeated up to --n; replaces "
+        "the digits prompts and drops the digits metrics",
+    )
+    p.add_argument(
+        "--clip",
+        metavar="DIR",
+        help="quality: a local CLIP model folder (transformers, safetensors) for a clip_score column",
+    )
+    p.add_argument(
+        "--inception",
+        metavar="FILE",
+        help="quality: FID Inception-v3 weights (pt_inception-2015-12-05 state dict: .safetensors, or .pth read "
+        "with weights_only) for fid / kid_mean / kid_std columns; needs --reference-images",
+    )
+    p.add_argument("--reference-images", metavar="DIR", help="quality: a folder of real images for FID/KID")
+    p.add_argument(
+        "--device",
+        help="quality: where pipelines (float16 on a GPU) and metric models run (default: cuda if any)",
+    )
     p.add_argument("--batch", type=int, default=100)
     p.add_argument(
         "--gmm", action="store_true", help="quality: the analytic Gaussian-mixture teacher instead"

@@ -91,7 +91,10 @@ class TrainConfig:
     report_to: str = "none"  # none | tensorboard | wandb | tensorboard,wandb | all (those installed)
     tracker_project: str = "fastdiff"
     prompts: str | None = None  # .txt / .jsonl prompt file (data-free methods need only prompts)
-    dataset: str | None = None  # image+caption folder or local HF datasets folder (real images)
+    dataset: str | None = None  # real images: a folder, .csv/.json/.jsonl/.parquet file or saved HF dataset
+    image_column: str | None = None  # dataset's image column; null: file_name/image/image_path/file/path
+    caption_column: str | None = None  # dataset's caption column; null: text/caption/prompt, first found
+    dataloader_num_workers: int = 0  # processes decoding dataset images ahead (0: the training process)
     cache_latents: bool = False  # keep each real image's VAE posterior (mean, std) in memory after first use
     cpu_threads: int | None = (
         None  # CPU torch threads per process; 0 = cores / processes; None = the launcher's

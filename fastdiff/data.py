@@ -1,14 +1,18 @@
-"""Training data: prompt lists, image-caption folders and a resumable, stateless batch order.
+"""Training data: prompt lists, image-caption datasets, a resumable, stateless batch order, and a loader that
+decodes a step's images in worker processes without changing what the step sees.
 
-Everything here is dependency-light (PIL + numpy + torch); Hugging Face ``datasets`` is imported only
-when a folder saved by ``Dataset.save_to_disk`` is opened.
+Everything here is dependency-light (PIL + numpy + torch); Hugging Face ``datasets`` is imported only when a folder
+saved by ``Dataset.save_to_disk`` is opened, and ``pyarrow`` only when a ``.parquet`` file is.
 """
 
 from __future__ import annotations
 
+import csv
 import io
+import itertools
 import json
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,9 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_KEYS = ("text", "caption", "prompt")
+IMAGE_KEYS = ("file_name", "image", "image_path", "file", "path")  # image-path columns of a table file
 PROMPT_KEYS = ("prompt", "text", "caption")
+TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 LAYOUTS = (
     "a diffusers imagefolder (images + metadata.jsonl with file_name and text/caption/prompt), "
@@ -92,10 +98,50 @@ def _import_datasets():
     return datasets
 
 
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Image-caption pairs from a local folder, preprocessed like the diffusers training scripts.
+def read_table(path: Path) -> list[tuple[str, dict]]:
+    """The rows of a ``.csv`` (header row), ``.json`` (a list of objects, or JSON lines), ``.jsonl`` or ``.parquet``
+    file as ``(where, row)`` pairs, ``where`` naming the file and the row's line (JSON lines, csv) or number."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = [(f"{path.name}, line {reader.line_num}", row) for row in reader]
+        return rows
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError(f"Reading {path} needs pyarrow: pip install pyarrow") from e
+        return [
+            (f"{path.name}, row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), start=1)
+        ]
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:  # JSON lines under a .json name, as datasets' json loader accepts
+            data = None
+        if isinstance(data, list):
+            for i, row in enumerate(data, start=1):
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, item {i}: expected a JSON object, got {type(row).__name__}")
+            return [(f"{path.name}, item {i}", row) for i, row in enumerate(data, start=1)]
+    return [(f"{path.name}, line {lineno}", row) for lineno, row in _read_jsonl(path)]
 
-    Three layouts are recognised, in this order:
+
+def _image_source(value: Any, root: Path) -> Any:
+    """The image of a row's image value: a path (relative to ``root``, or absolute), or bytes (the value itself, or
+    the ``bytes`` of a ``{"bytes", "path"}`` cell, as ``datasets`` writes image columns to parquet)."""
+    if isinstance(value, dict):
+        return value["bytes"] if value.get("bytes") else root / str(value.get("path"))
+    return value if isinstance(value, (bytes, bytearray)) else root / str(value)
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Image-caption pairs from a local folder or table file, preprocessed like the diffusers training scripts.
+
+    ``path`` may be a ``.csv``, ``.json``, ``.jsonl`` or ``.parquet`` file with an image column (paths relative
+    to the file's folder, or absolute; parquet may hold image bytes) and a caption column, or a folder in one of
+    three layouts, recognised in this order:
 
     1. a folder written by ``datasets.Dataset.save_to_disk`` (has ``dataset_info.json``,
        ``state.json`` or ``dataset_dict.json``; a ``DatasetDict`` uses its ``train`` split);
@@ -104,23 +150,27 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     3. images (searched recursively) with a same-stem ``.txt`` caption beside each; an image without
        one gets the caption ``""``.
 
-    Unreadable images are skipped: item ``i`` then returns the next readable item (``i+1``, ``i+2``,
-    ... wrapping around), and each bad file is warned about once and recorded in ``skipped``. With
-    ``DataLoader(num_workers>0)`` that record lives in the worker processes.
+    Images are decoded only when an item is read. Unreadable or missing images are skipped: item ``i`` then
+    returns the next readable item (``i+1``, ``i+2``, ... wrapping around), and each bad file is warned about
+    once (with its row, where it has one) and recorded in ``skipped``. With ``DataLoader(num_workers>0)`` that
+    record lives in the worker processes (``StepItemLoader`` brings it back).
 
     Args:
-        path: The dataset folder.
+        path: The dataset folder or table file.
         resolution: Output side length; the shorter image side is resized to it (bicubic), then
             a square is cropped.
         center_crop: Crop the centre; if False, crop at a random position (``torch`` RNG).
         random_flip: Flip horizontally with probability 0.5 (``torch`` RNG).
         image_column: Image column of a saved ``datasets`` folder (default: ``image``, else the first
-            ``Image`` feature) or file-name key of ``metadata.jsonl`` (default: ``file_name``).
-        caption_column: Caption column (default: the first of ``text``, ``caption``, ``prompt``).
+            ``Image`` feature), file-name key of ``metadata.jsonl`` (default: ``file_name``) or image column of a
+            table file (default: the first of ``IMAGE_KEYS``). Not for the ``.txt`` captions layout.
+        caption_column: Caption column (default: the first of ``text``, ``caption``, ``prompt``). Not for the
+            ``.txt`` captions layout.
 
     Raises:
-        FileNotFoundError: If ``path`` is not a folder.
-        ValueError: If it holds no images or no caption column can be found.
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If it holds no images, a chosen or needed column is missing (the message names the key and
+            the columns there are), or a table file cannot be parsed.
     """
 
     def __init__(
@@ -132,25 +182,43 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         image_column: str | None = None,
         caption_column: str | None = None,
     ):
-        self.root = Path(path)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"Dataset folder not found: {self.root}")
+        self.source = Path(path)
+        is_table = self.source.is_file() and self.source.suffix.lower() in TABLE_SUFFIXES
+        if not (is_table or self.source.is_dir()):
+            raise FileNotFoundError(
+                f"Dataset not found: {self.source} (expected a folder or a {'/'.join(TABLE_SUFFIXES)} file)"
+                if not self.source.exists()
+                else f"Dataset {self.source} is neither a folder nor a {'/'.join(TABLE_SUFFIXES)} file"
+            )
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
+        self.root = self.source.parent if is_table else self.source  # image paths are relative to it
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.skipped: list[str] = []
         self._bad: set[int] = set()
         self._hf = None
-        if any((self.root / m).exists() for m in HF_MARKERS):
+        self._where: list[str] | None = None  # each item's row, for messages
+        if is_table:
+            self._open_rows(read_table(self.source), image_column, IMAGE_KEYS, caption_column)
+        elif any((self.root / m).exists() for m in HF_MARKERS):
             self._open_hf(image_column, caption_column)
         elif (self.root / "metadata.jsonl").is_file():
-            self._open_imagefolder(image_column or "file_name", caption_column)
+            rows = [
+                (f"metadata.jsonl, line {n}", row) for n, row in _read_jsonl(self.root / "metadata.jsonl")
+            ]
+            self._open_rows(rows, image_column, ("file_name",), caption_column)
+        elif image_column is not None or caption_column is not None:
+            raise ValueError(
+                f"{self.source}: image_column / caption_column choose columns of a table file, metadata.jsonl "
+                "or saved datasets folder; this folder has images with .txt captions"
+            )
         else:
             self._open_caption_files()
         if len(self) == 0:
-            raise ValueError(f"No images found in {self.root}; expected {LAYOUTS}")
+            expected = "rows" if is_table else LAYOUTS
+            raise ValueError(f"No images found in {self.source}; expected {expected}")
 
     # -- layouts -----------------------------------------------------------------------------------
 
@@ -165,27 +233,38 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if image_column is None:
             image_features = [k for k, f in features.items() if isinstance(f, datasets.Image)]
             image_column = "image" if "image" in features else next(iter(image_features), None)
-        if image_column not in features:
-            raise ValueError(f"{self.root}: no image column {image_column!r}; columns are {list(features)}")
-        if isinstance(features[image_column], datasets.Image):  # decode ourselves, to skip bad images
-            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.image_column = self._pick_column("image", list(features), image_column, ("image",))
+        if isinstance(features[self.image_column], datasets.Image):  # decode ourselves, to skip bad images
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
         self._hf = ds
-        self.image_column = image_column
-        self.caption_column = self._pick_caption_column(list(features), caption_column)
+        self.caption_column = self._pick_column("caption", list(features), caption_column, CAPTION_KEYS)
 
-    def _open_imagefolder(self, image_column: str, caption_column: str | None) -> None:
-        rows = _read_jsonl(self.root / "metadata.jsonl")
-        self.image_column, self.caption_column = image_column, None
-        self._items: list[tuple[str, Path, Any]] = []
+    def _open_rows(
+        self,
+        rows: list[tuple[str, dict]],
+        image_column: str | None,
+        image_keys: tuple,
+        caption_column: str | None,
+    ) -> None:
+        """Items from ``(where, row)`` pairs (metadata.jsonl or a table file): the image column (default: the first
+        of ``image_keys`` in the first row) holds paths relative to ``root`` or absolute (or image bytes)."""
+        self._items: list[tuple[str, Any, Any]] = []
         self._rows = [row for _, row in rows]
+        self._where = [where for where, _ in rows]
+        self.image_column = self.caption_column = None
         if not rows:
             return
-        self.caption_column = self._pick_caption_column(list(rows[0][1]), caption_column)
-        for lineno, row in rows:
-            if image_column not in row:
-                raise ValueError(f"{self.root / 'metadata.jsonl'}, line {lineno}: no {image_column!r} key")
-            name = str(row[image_column])
-            self._items.append((name, self.root / name, row.get(self.caption_column)))
+        columns = list(rows[0][1])
+        self.image_column = self._pick_column("image", columns, image_column, image_keys)
+        self.caption_column = self._pick_column("caption", columns, caption_column, CAPTION_KEYS)
+        for where, row in rows:
+            if self.image_column not in row:
+                raise ValueError(
+                    f"{self.root / where}: no image column {self.image_column!r}; keys are {list(row)}"
+                )
+            value = row[self.image_column]
+            name = str(value.get("path") or "image bytes") if isinstance(value, dict) else str(value)
+            self._items.append((name, _image_source(value, self.root), row.get(self.caption_column)))
 
     def _open_caption_files(self) -> None:
         self._items = []
@@ -198,15 +277,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 self._items.append((rel.as_posix(), p, caption))
         self.image_column = self.caption_column = None
 
-    def _pick_caption_column(self, columns: list[str], caption_column: str | None) -> str:
-        if caption_column is None:
-            caption_column = next((c for c in CAPTION_KEYS if c in columns), None)
-        if caption_column is None or caption_column not in columns:
+    def _pick_column(self, kind: str, columns: list[str], chosen: str | None, defaults: tuple) -> str:
+        """The ``kind`` (image / caption) column: ``chosen``, else the first of ``defaults`` present."""
+        column = chosen if chosen is not None else next((c for c in defaults if c in columns), None)
+        if column is None or column not in columns:
+            looked_for = repr(chosen) if chosen is not None else f"one of {list(defaults)}"
             raise ValueError(
-                f"{self.root}: no caption column (looked for {caption_column or CAPTION_KEYS}); "
-                f"columns are {columns}; pass caption_column="
+                f"{self.source}: no {kind} column {looked_for}; columns are {columns}; "
+                f"set {kind}_column=<one of them>"
             )
-        return caption_column
+        return column
 
     # -- access ------------------------------------------------------------------------------------
 
@@ -225,13 +305,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return [str(c or "") for _, _, c in self._items]
 
     def column(self, name: str) -> list:
-        """Every item's value of a metadata column (a saved dataset's column or a ``metadata.jsonl`` key)."""
+        """Every item's value of a metadata column (a saved dataset's column, a ``metadata.jsonl`` key or a table
+        file's column)."""
         rows = self._hf.column_names if self._hf is not None else getattr(self, "_rows", None)
         if self._hf is not None and name in rows:
             return list(self._hf[name])
         if rows is not None and self._hf is None and rows and all(name in r for r in rows):
             return [r[name] for r in rows]
-        raise ValueError(f"{self.root}: no column {name!r} in every item's metadata")
+        raise ValueError(f"{self.source}: no column {name!r} in every item's metadata")
 
     def _raw(self, i: int) -> tuple[str, Any, Any]:
         """``(display_name, image_source, caption)`` for item ``i``, without decoding the image."""
@@ -245,7 +326,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return name or f"row {i}", image, row.get(self.caption_column)
 
     def _load(self, source: Any) -> torch.Tensor:
-        """Decode an image (path or file object) and preprocess it to a ``[3, res, res]`` tensor."""
+        """Decode an image (path, bytes or file object) and preprocess it to a ``[3, res, res]`` tensor."""
+        if isinstance(source, (bytes, bytearray)):
+            source = io.BytesIO(source)
         with Image.open(source) as f:
             img = ImageOps.exif_transpose(f).convert("RGB")  # forces a full decode
         res = self.resolution
@@ -278,12 +361,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             except Exception as e:  # any decoder failure means "unreadable"
                 self._bad.add(j)
                 self.skipped.append(name)
-                warnings.warn(f"Skipping unreadable image {name} in {self.root}: {e}", stacklevel=2)
+                where = f" ({self._where[j]})" if self._where is not None else ""
+                warnings.warn(f"Skipping unreadable image {name}{where} in {self.root}: {e}", stacklevel=2)
                 continue
             if isinstance(caption, (list, tuple)):  # several captions per image: pick one
                 caption = caption[int(torch.randint(len(caption), ()))] if caption else ""
             return {"pixel_values": pixels, "prompt": "" if caption is None else str(caption)}
-        raise ValueError(f"No readable image in {self.root} ({self.num_skipped} unreadable files skipped)")
+        raise ValueError(f"No readable image in {self.source} ({self.num_skipped} unreadable files skipped)")
 
 
 # -- resumable batch order -------------------------------------------------------------------------
@@ -366,10 +450,128 @@ class DigitsDataset(torch.utils.data.Dataset):
         return [int(v) for v in self.labels]
 
 
-def open_dataset(spec: str, resolution: int):
-    """A dataset from a config value: a folder (see ImageCaptionDataset) or a builtin name (``builtin:digits``)."""
+def open_dataset(
+    spec: str, resolution: int, image_column: str | None = None, caption_column: str | None = None
+):
+    """A dataset from a config value: a folder or table file (see ImageCaptionDataset, which ``image_column`` /
+    ``caption_column`` configure) or a builtin name (``builtin:digits``)."""
     if spec.startswith("builtin:"):
         if spec not in BUILTIN:
             raise ValueError(f"unknown builtin dataset {spec!r}; available: {', '.join(BUILTIN)}")
+        if image_column is not None or caption_column is not None:
+            raise ValueError(f"dataset={spec} has no columns to choose: unset image_column / caption_column")
         return DigitsDataset(resolution)
-    return ImageCaptionDataset(spec, resolution)
+    return ImageCaptionDataset(spec, resolution, image_column=image_column, caption_column=caption_column)
+
+
+# -- decoding in worker processes ------------------------------------------------------------------
+
+
+def item_seed(seed: int, key: int, position: int, rank: int = 0) -> int:
+    """The torch seed for the item at ``position`` of rank ``rank``'s micro-step ``key`` in a run seeded by ``seed``."""
+    return int(np.random.SeedSequence([seed, rank, key, position]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def load_item(dataset, index: int, seed: int) -> dict:
+    """``dataset[index]`` with torch's global RNG seeded by ``seed`` during the call, so that a random crop, flip or
+    caption choice is a function of ``seed`` in whichever process loads it; the caller's RNG state is kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return dataset[index]
+
+
+class _Requests(torch.utils.data.Dataset):
+    """What the DataLoader workers read: request ``(indices, seeds)`` -> ``(items, skipped)``, the items and the
+    names of the images this process found unreadable while loading them."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, request: tuple[list[int], list[int]]) -> tuple[list[dict], list[str]]:
+        indices, seeds = request
+        before = len(self.dataset.skipped)
+        items = [load_item(self.dataset, i, s) for i, s in zip(indices, seeds)]
+        return items, self.dataset.skipped[before:]
+
+
+class _RequestsFrom:
+    """The DataLoader's sampler: the requests ``plan(key)`` of keys ``start, start + 1, ...``, ``start`` read when an
+    iteration begins."""
+
+    def __init__(self, plan: Callable):
+        self.plan, self.start = plan, 0
+
+    def __iter__(self):
+        return map(self.plan, itertools.count(self.start))
+
+
+def _as_is(batch):
+    return batch
+
+
+class StepItemLoader:
+    """The items of micro-step ``key`` (``step * gradient_accumulation_steps + micro``), loaded in this process
+    (``num_workers=0``) or decoded ahead in DataLoader worker processes, with the same result either way.
+
+    ``plan(key) -> (indices, seeds)`` is a pure function: the dataset items of the micro-step (``sample_indices``
+    or a method's choice) and each one's torch seed (``item_seed``). An item is ``load_item(dataset, index, seed)``,
+    a function of its request alone, and the DataLoader hands results back in request order, so workers cannot
+    change which items a step sees, their order, or their random crops; and a resumed run, which asks for its
+    first step's key first, gets the batch the uninterrupted run got there.
+
+    With workers, one persistent DataLoader streams the requests of keys ``k, k + 1, ...``: each worker decodes
+    whole micro-batches, ``prefetch_factor * num_workers`` of them in flight ahead of training. The worker
+    processes start once, at the first call, and are reused. A call for the key just served (several parameter
+    groups train at one step) returns it again; a call a little ahead of the stream (a step no group trained at)
+    drops the batches before it; any other key (the first call, a jump back) restarts the stream at that key.
+
+    Args:
+        dataset: A map-style dataset of ``{"pixel_values", "prompt"}`` items with a ``skipped`` list of unreadable
+            images (``open_dataset``); names found by workers are added to the main process's list.
+        plan: ``plan(key) -> (indices, seeds)``.
+        num_workers: Worker processes (0: load in the calling process, when asked).
+        prefetch_factor: Micro-batches in flight per worker.
+    """
+
+    def __init__(self, dataset, plan: Callable, num_workers: int = 0, prefetch_factor: int = 2):
+        if num_workers < 0:
+            raise ValueError(f"dataloader_num_workers must be >= 0, got {num_workers}")
+        self.dataset, self.plan, self.num_workers = dataset, plan, num_workers
+        self._requests = _Requests(dataset)
+        self._last: tuple[int, list[int], list[dict]] | None = None  # (key, indices, items) served last
+        if num_workers:
+            self._sampler = _RequestsFrom(plan)
+            self._window = prefetch_factor * num_workers
+            self._loader = torch.utils.data.DataLoader(
+                self._requests,
+                batch_size=None,
+                sampler=self._sampler,
+                num_workers=num_workers,
+                collate_fn=_as_is,
+                persistent_workers=True,
+                prefetch_factor=prefetch_factor,
+                generator=torch.Generator().manual_seed(
+                    0
+                ),  # worker seeds drawn without touching the global RNG
+            )
+            self._stream, self._next = None, 0  # the running iteration and the key it yields next
+
+    def __call__(self, key: int) -> tuple[list[int], list[dict]]:
+        """``(indices, items)`` of micro-step ``key``."""
+        if self._last is None or self._last[0] != key:
+            indices, seeds = self.plan(key)
+            items = self._from_workers(key) if self.num_workers else self._requests[indices, seeds][0]
+            self._last = (key, indices, items)
+        return self._last[1], self._last[2]
+
+    def _from_workers(self, key: int) -> list[dict]:
+        if self._stream is None or not 0 <= key - self._next < self._window:
+            self._sampler.start = self._next = key
+            self._stream = iter(self._loader)
+        while self._next <= key:
+            items, skipped = next(self._stream)
+            self._next += 1
+            for name in skipped:
+                if name not in self.dataset.skipped:
+                    self.dataset.skipped.append(name)
+        return items

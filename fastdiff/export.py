@@ -5,6 +5,12 @@ teacher's UNet, with more weights of that adapter as LoRA variants; or ``export_
 and how it samples (``recipe``, see ``fastdiff.recipe``). The saved scheduler derives the trained timesteps from
 ``num_inference_steps`` alone, so ``pipe(prompt, **fastdiff.json's call)`` is the whole recipe; a step count whose
 recipe names a LoRA variant runs the teacher with ``lora/<variant>/`` fused in.
+
+Every LoRA of an export goes on the teacher, never on the exported pipeline (which has the student's LoRA fused in):
+fastdiff.json's ``lora_base`` (and each LoRA folder's ``fastdiff_lora.json``) records the teacher and a fingerprint
+of its UNet, which ``fastdiff.models.lora.check_lora_base`` compares. Two layouts: the default keeps the pipeline in
+``pipeline/``; the hub layout (``hub_layout=True``) writes its components and model_index.json at the export's root,
+so the folder is itself a loadable diffusers repo with the card, fastdiff.json and ``lora/`` alongside.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from PIL import Image
 
 from . import __version__
 from .recipe import RECIPE_FILE, Recipe, apply_scheduler, load_pipeline, load_step_pipeline, make_scheduler
+
+PIPELINE_FOLDER = "pipeline"  # the exported pipeline's folder in the default layout
 
 logger = logging.getLogger("fastdiff")
 
@@ -45,34 +53,46 @@ def export(
     lora_scale: float = 1.0,
     prompts=None,
     train_seconds=None,
+    hub_layout: bool = False,
 ) -> Path:
-    """Write ``pipeline/``, ``lora/`` (when the student is a LoRA; its variants in ``lora/<name>/``),
-    ``fastdiff.json`` and ``README.md``.
+    """Write the pipeline (``pipeline/``, or the root with ``hub_layout``), ``lora/`` (when the student is a LoRA;
+    its variants in ``lora/<name>/``), ``fastdiff.json`` and ``README.md``.
 
     Args:
         method: the trained method (its ``exported_student`` / ``export_pipeline`` and ``recipe``).
         teacher: the loaded Teacher (its folder supplies the other pipeline components, re-read in float32).
-        config: the run config as a dict (recorded in fastdiff.json).
+        config: the run config as a dict (recorded in fastdiff.json); its ``teacher`` is the teacher as given
+            (default: the loaded teacher's path).
         out_dir: the export folder.
         lora_scale: recommended LoRA scale.
         prompts: prompts of the model card's sample grid.
         train_seconds: wall time of the training run, recorded in fastdiff.json.
+        hub_layout: write the pipeline's components and model_index.json at the export's root (a folder that
+            ``DiffusionPipeline.from_pretrained`` loads and a model hub takes as a repo) instead of in ``pipeline/``.
     """
     from diffusers import DiffusionPipeline
 
-    from .models.lora import save_lora
+    from .models.lora import LORA_INFO_FILE, lora_base_record, save_lora
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     method.float()  # training is over: compare and export in full precision
     teacher.to_float32()
+    given, teacher_path = str(config.get("teacher") or teacher.path), str(Path(teacher.path).resolve())
     recipe: Recipe = method.recipe(dict(teacher.pipeline.scheduler.config))
     pipe = method.export_pipeline(teacher)
-    lora, student = None, None
+    extra_loras = method.exported_loras()
+    lora, student, lora_base = None, None, None
     if pipe is None:  # the standard pipeline of the teacher's class with the student's weights
         student = method.exported_student()
         pipe = DiffusionPipeline.from_pretrained(teacher.path, dtype=torch.float32, use_safetensors=True)
         if student.adapter is not None:
+            loras = [
+                "lora",
+                *(f"lora/{name}" for name in student.variants),
+                *(f"lora/{n}" for n in extra_loras),
+            ]
+            lora_base = lora_base_record(pipe.unet, given, teacher_path, loras)  # before the fuse below
             shutil.rmtree(out / "lora", ignore_errors=True)
             save_lora(out / "lora", student.unet, student.adapter, type(pipe))
             for name in student.variants:
@@ -87,12 +107,20 @@ def export(
         else:
             pipe.unet.load_state_dict({k: v.float() for k, v in student.unet.state_dict().items()})
         pipe.scheduler = make_scheduler(pipe.scheduler.config, recipe.scheduler, recipe.scheduler_kwargs)
-    for name, extra in method.exported_loras().items():  # e.g. MSD's students, each a LoRA of its own
+    for name, extra in extra_loras.items():  # e.g. MSD's students, each a LoRA of its own
         shutil.rmtree(out / "lora" / name, ignore_errors=True)
         save_lora(out / "lora" / name, extra.unet, extra.adapter, type(pipe))
-    shutil.rmtree(out / "pipeline", ignore_errors=True)
-    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
-    pipe = load_pipeline(out / "pipeline", use_safetensors=True)  # check what was written, not the copy
+    if extra_loras and lora_base is None:
+        unet = type(teacher.unet).from_pretrained(
+            teacher.path, subfolder="unet", dtype=torch.float32, use_safetensors=True
+        )
+        lora_base = lora_base_record(unet, given, teacher_path, [f"lora/{n}" for n in extra_loras])
+    for folder in lora_base["loras"] if lora_base else []:
+        (out / folder / LORA_INFO_FILE).write_text(json.dumps({"lora_base": lora_base}, indent=2))
+    pipeline_folder = out if hub_layout else out / PIPELINE_FOLDER
+    _clear_pipeline(out)
+    pipe.save_pretrained(pipeline_folder, safe_serialization=True)
+    pipe = load_pipeline(pipeline_folder, use_safetensors=True)  # check what was written, not the copy
     pipe.set_progress_bar_config(disable=True)
     if recipe.timesteps_derivable and not _derives(
         pipe.scheduler, recipe.num_inference_steps, recipe.timesteps
@@ -105,7 +133,7 @@ def export(
         recipe.scheduler, recipe.timesteps_derivable = "LCMScheduler", False
         recipe.scheduler_kwargs = {"original_inference_steps": recipe.num_inference_steps}
         pipe.scheduler = make_scheduler(pipe.scheduler.config, recipe.scheduler, recipe.scheduler_kwargs)
-        pipe.scheduler.save_pretrained(out / "pipeline" / "scheduler")
+        pipe.scheduler.save_pretrained(pipeline_folder / "scheduler")
     if not recipe.timesteps_derivable:
         logger.warning(
             "timesteps %s cannot be derived by a scheduler config: pass timesteps= explicitly",
@@ -116,11 +144,17 @@ def export(
         "lora_scale": lora_scale if lora else None,
         "lora": lora,
         "pipeline_class": type(pipe).__name__,
-        "teacher": teacher.path,
+        "layout": "hub" if hub_layout else "default",
+        "teacher": given,
+        "teacher_path": teacher_path,
+        "lora_base": lora_base,
+        "card": card_metadata(teacher, given),
         "fastdiff_version": __version__,
         "train_seconds": train_seconds,
         "config": config,
     }
+    if hub_layout:  # paths the method recorded inside pipeline/ are at the root
+        data.update({k: _at_root(v) for k, v in recipe.extra.items()})
     data["check"] = _self_check(
         method, teacher, pipe, recipe, out, student, lora_scale, config.get("resolution")
     )
@@ -129,6 +163,35 @@ def export(
     grid = _sample_grid(pipe, recipe, out, inputs).relative_to(out).as_posix()
     (out / "README.md").write_text(method.model_card(data, grid) or model_card(data, grid))
     return out
+
+
+def _clear_pipeline(out: Path) -> None:
+    """Remove a pipeline an earlier export wrote into ``out`` in either layout: ``pipeline/``, or the components,
+    pipeline file and model_index.json at the root (a stale one would shadow, or be mixed with, the new one)."""
+    shutil.rmtree(out / PIPELINE_FOLDER, ignore_errors=True)
+    index = out / "model_index.json"
+    if not index.is_file():
+        return
+    config = json.loads(index.read_text())
+    keep = {"lora", "samples", "checkpoints", "logs", PIPELINE_FOLDER}
+    for name, value in config.items():
+        if not name.startswith("_") and isinstance(value, list) and name not in keep:
+            shutil.rmtree(out / name, ignore_errors=True)
+    if isinstance(config.get("_class_name"), list):  # a custom pipeline's module file
+        (out / f"{config['_class_name'][0]}.py").unlink(missing_ok=True)
+    index.unlink()
+
+
+def _at_root(value):
+    """A value of fastdiff.json with every ``pipeline/...`` path (e.g. AGD's ``pipeline_file``) read from the root,
+    as the hub layout writes the pipeline."""
+    if isinstance(value, dict):
+        return {k: _at_root(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_at_root(v) for v in value]
+    if isinstance(value, str) and value.startswith(f"{PIPELINE_FOLDER}/"):
+        return value.removeprefix(f"{PIPELINE_FOLDER}/")
+    return value
 
 
 def _derives(scheduler, num_inference_steps: int, timesteps: list) -> bool:
@@ -184,7 +247,7 @@ def _self_check(
     inputs = teacher.example_inputs([prompt], resolution)[0]
     checks = {None: recipe.for_steps()} | {k: recipe.for_steps(k) for k in recipe.allowed_steps() or []}
     variants = student.variants if student is not None and student.adapter is not None else {}
-    source = {"teacher": teacher.path, "lora_scale": lora_scale}
+    source = {"teacher": str(Path(teacher.path).resolve()), "lora_scale": lora_scale}
     pipes = {None: pipe}
     diffs = {}
     for k, step in checks.items():
@@ -225,7 +288,7 @@ def _sample_grid(pipe, recipe: Recipe, out: Path, inputs: list[dict]) -> Path:
     rows = 1
     if all("image" in call for call in inputs):
         before = torch.stack(
-            [torch.from_numpy(np.asarray(c["image"].convert("RGB"))).permute(2, 0, 1) for c in inputs]
+            [torch.from_numpy(np.array(c["image"].convert("RGB"))).permute(2, 0, 1) for c in inputs]
         )
         before = F.interpolate(before.float() / 255, size=images.shape[-2:], mode="nearest")
         images, rows = torch.cat([before, images.float().cpu()]), 2
@@ -235,22 +298,98 @@ def _sample_grid(pipe, recipe: Recipe, out: Path, inputs: list[dict]) -> Path:
     return path
 
 
+# --- model cards ------------------------------------------------------------------------------------------------
+def card_metadata(teacher, given: str) -> dict:
+    """What a model card's front matter says of the teacher (fastdiff.json's ``card``): ``base_model`` where the
+    teacher has a hub id (``teacher_hub_id``: a hub rejects a card whose base_model is not a model on it, so a local
+    folder of unknown origin gets none), its license where its folder says (``teacher_license``; otherwise none: the
+    student's terms are the teacher's, which fastdiff cannot know), and the ``pipeline_tag``: ``image-to-image`` for
+    an image-conditioned teacher (the x4 upscaler), else ``text-to-image``."""
+    from .teacher import teacher_hub_id, teacher_license
+
+    hub_id = teacher_hub_id(given, teacher.path)
+    return {
+        **({"base_model": hub_id} if hub_id else {}),
+        **teacher_license(teacher.path),
+        "pipeline_tag": "image-to-image" if teacher.image_conditioned else "text-to-image",
+    }
+
+
+def card_front_matter(recipe: dict, tags=()) -> str:
+    """The YAML front matter of every fastdiff model card: ``library_name: diffusers``, fastdiff.json's ``card``
+    (``base_model``, ``license``, ``pipeline_tag``) and the tags ``fastdiff``, the method, ``distillation``, ``tags``
+    and ``lora`` when the export has a LoRA."""
+    import yaml
+
+    card = recipe.get("card") or {"pipeline_tag": "text-to-image"}
+    lora = ["lora"] if recipe.get("lora") or recipe.get("lora_base") else []
+    meta = {
+        "library_name": "diffusers",
+        **card,
+        "tags": list(dict.fromkeys(["fastdiff", recipe["method"], "distillation", *tags, *lora])),
+    }
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n"
+
+
+def pipeline_ref(recipe: dict) -> str:
+    """The exported pipeline's folder as a card's code names it (from the export folder): ``"pipeline"``, or in
+    the hub layout ``"."`` (the folder itself, or its repo id once uploaded)."""
+    return '"."' if recipe.get("layout") == "hub" else f'"{PIPELINE_FOLDER}"'
+
+
+def pipeline_file_prefix(recipe: dict) -> str:
+    """Where the exported pipeline's files sit in the export, as a prefix: ``pipeline/``, or nothing (hub layout)."""
+    return "" if recipe.get("layout") == "hub" else f"{PIPELINE_FOLDER}/"
+
+
+def lora_ref(recipe: dict, folder: str = "lora") -> str:
+    """``load_lora_weights``' arguments for a LoRA folder of the export: ``"lora"``, or in the hub layout
+    ``".", subfolder="lora"`` (which also works with the repo id in place of ``"."``)."""
+    return f'".", subfolder="{folder}"' if recipe.get("layout") == "hub" else f'"{folder}"'
+
+
+def teacher_ref(recipe: dict) -> str:
+    """The teacher as a card's code loads it: its hub id where known, else the folder as given."""
+    return (recipe.get("card") or {}).get("base_model") or recipe["teacher"]
+
+
+def lora_base_note(recipe: dict, fused: bool = True) -> str:
+    """The card's sentence on which base every LoRA of the export goes on; ``fused``: the exported pipeline has the
+    student's LoRA fused in (say that loading a LoRA on it applies it twice)."""
+    base = recipe.get("lora_base") or {}
+    fingerprint = f" (UNet fingerprint `{base['unet_fingerprint']}`)" if base.get("unet_fingerprint") else ""
+    pipeline = "the exported pipeline" + ("" if recipe.get("layout") == "hub" else f" (`{PIPELINE_FOLDER}/`)")
+    never = (
+        f", never on {pipeline}, which has the student fused in already (it would apply twice)"
+        if fused
+        else ""
+    )
+    return (
+        f"Every LoRA here goes on the teacher `{recipe['teacher']}`{fingerprint}{never}. `fastdiff.json`'s "
+        "`lora_base` and each LoRA folder's `fastdiff_lora.json` record that base; "
+        "`fastdiff.models.lora.check_lora_base` checks a pipeline's UNet against it."
+    )
+
+
 def model_card(recipe: dict, grid: str) -> str:
     steps, cls = recipe["num_inference_steps"], recipe["pipeline_class"]
     ts = "" if recipe["timesteps_derivable"] else f", timesteps={recipe['timesteps']}"
+    where, teacher = pipeline_ref(recipe), teacher_ref(recipe)
     lora = ""
     if recipe["lora"]:
         lora = f"""
 ## As a LoRA on the teacher
 
+{lora_base_note(recipe)}
+
 ```python
 import torch
 from diffusers import {cls}, {recipe["scheduler"]}
 
-pipe = {cls}.from_pretrained("{recipe["teacher"]}")
-pipe.load_lora_weights("lora")  # or weight_name="kohya_lora.safetensors" (kohya / ComfyUI keys)
+pipe = {cls}.from_pretrained("{teacher}")  # the teacher, not this export's pipeline
+pipe.load_lora_weights({lora_ref(recipe)})  # or weight_name="kohya_lora.safetensors" (kohya / ComfyUI keys)
 pipe.fuse_lora(lora_scale={recipe["lora_scale"]})
-pipe.scheduler = {recipe["scheduler"]}.from_pretrained("pipeline", subfolder="scheduler")
+pipe.scheduler = {recipe["scheduler"]}.from_pretrained({where}, subfolder="scheduler")
 image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0.0{ts}).images[0]
 ```
 """
@@ -273,8 +412,8 @@ These step counts have a LoRA of their own, fused into the teacher in place of `
 ```python
 from diffusers import {cls}, {r["scheduler"]}
 
-pipe = {cls}.from_pretrained("{recipe["teacher"]}")
-pipe.load_lora_weights("{r["lora"]}")
+pipe = {cls}.from_pretrained("{teacher}")  # the teacher
+pipe.load_lora_weights({lora_ref(recipe, r["lora"])})
 pipe.fuse_lora(lora_scale={recipe["lora_scale"]})
 pipe.scheduler = {r["scheduler"]}.from_config(pipe.scheduler.config, **{r["scheduler_kwargs"]})
 image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=0.0).images[0]
@@ -283,11 +422,7 @@ image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=0.0).im
     note = ""
     if not recipe["timesteps_derivable"]:
         note = f"\n**Note:** the trained timesteps {recipe['timesteps']} cannot be derived by a scheduler config: pass them.\n"
-    return f"""---
-library_name: diffusers
-tags: [fastdiff, {recipe["method"]}, distillation]
----
-# {recipe["method"].upper()} {steps}-step student of `{recipe["teacher"]}`
+    return f"""{card_front_matter(recipe)}# {recipe["method"].upper()} {steps}-step student of `{recipe["teacher"]}`
 
 Distilled with fastdiff {recipe["fastdiff_version"]} ({recipe["method"]}). Trained timesteps: {recipe["timesteps"]}
 (scheduler: {recipe["scheduler"]}, derived from `num_inference_steps` alone: {recipe["timesteps_derivable"]}).
@@ -297,7 +432,7 @@ Distilled with fastdiff {recipe["fastdiff_version"]} ({recipe["method"]}). Train
 ```python
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("pipeline")
+pipe = DiffusionPipeline.from_pretrained({where}){"  # the student's LoRA is fused in" if recipe["lora"] else ""}
 image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0.0{ts}).images[0]
 ```
 

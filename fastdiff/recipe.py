@@ -11,6 +11,7 @@ is the one place that decides what a requested step count means.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,12 @@ def make_scheduler(base, name: str | None = None, kwargs: dict | None = None):
         config, default = dict(base.config), type(base).__name__
     else:
         config, default = dict(base), dict(base).get("_class_name")
-    return scheduler_class(name or default).from_config(config, **dict(kwargs or {}))
+    cls = scheduler_class(name or default)
+    # only the keys the class takes: another class's keys (e.g. an Euler teacher's use_karras_sigmas) would be saved
+    # with it and make every load warn
+    own = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    config = {k: v for k, v in config.items() if k in own}
+    return cls.from_config(config, **dict(kwargs or {}))
 
 
 def derive_scheduler(scheduler_config: dict, timesteps: list[int], sampler: str = "lcm", also=()):
@@ -52,8 +58,9 @@ def derive_scheduler(scheduler_config: dict, timesteps: list[int], sampler: str 
     (deterministic DDIM between trailing timesteps: consistency students such as TSCD). ``also``: more timestep
     lists the same scheduler must derive from their lengths (a student trained at several step counts):
     - K steps at LCM's own timesteps (e.g. [999, 749, 499, 249]): LCMScheduler(original_inference_steps=K);
-    - one step at t != 999 (DMD2 SDXL's t=399): DDIMScheduler(timestep_spacing="leading", steps_offset=t), which at
-      one step returns the x0 prediction exactly;
+    - one step at t != 999 (DMD2 SDXL's t=399): LCMScheduler(original_inference_steps=1, num_train_timesteps=t+1,
+      trained_betas=the teacher's), whose one step returns the x0 prediction (LCM's boundary condition weights
+      x_t by c_skip < 1e-7 at t >= 100) and which refuses any other step count before a UNet call;
     - uniform grids from 999 at several k: LCMScheduler(original_inference_steps=T) gives T-1 - floor(T i / k).
     """
     n = len(timesteps)
@@ -63,10 +70,20 @@ def derive_scheduler(scheduler_config: dict, timesteps: list[int], sampler: str 
         candidates = [("DDIMScheduler", dict(timestep_spacing="trailing", **exact))]
     else:
         candidates = [("LCMScheduler", {"original_inference_steps": n})]
-        if n == 1:
-            candidates.append(
-                ("DDIMScheduler", dict(timestep_spacing="leading", steps_offset=timesteps[0], **exact))
-            )
+        if n == 1 and timesteps[0] + 1 < scheduler_config.get("num_train_timesteps", 1000):
+            # LCM's one-step grid is [num_train_timesteps - 1]: counting timesteps to t + 1 gives [t], with the
+            # teacher's betas kept whole, and any other step count is refused at once (a DDIM config with
+            # steps_offset = t samples 2 steps at [t + 500, t] and fails mid-run beyond)
+            betas = make_scheduler(scheduler_config, "DDIMScheduler").betas.tolist()
+            one = {
+                "original_inference_steps": 1,
+                "num_train_timesteps": timesteps[0] + 1,
+                "trained_betas": betas,
+            }
+            candidates += [
+                ("LCMScheduler", one),
+                ("DDIMScheduler", dict(timestep_spacing="leading", steps_offset=timesteps[0], **exact)),
+            ]
         candidates.append(
             ("LCMScheduler", {"original_inference_steps": scheduler_config.get("num_train_timesteps", 1000)})
         )
@@ -180,6 +197,17 @@ class Recipe:
             f"{allowed} step(s) (see {RECIPE_FILE}), not {steps}"
         )
 
+    def cfg_warning(self, guidance_scale: float | None) -> str | None:
+        """The warning for a call at ``guidance_scale`` that runs classifier-free guidance (a second UNet pass per
+        step) on a student whose own call does not: its teacher's guidance is distilled in. None otherwise."""
+        if guidance_scale is None or guidance_scale <= 1 or self.guidance_scale > 1:
+            return None
+        return (
+            f"guidance_scale={guidance_scale:g} runs classifier-free guidance (two UNet passes per step) on a "
+            f"{self.method} student trained without it ({RECIPE_FILE}: guidance_scale {self.guidance_scale:g}); "
+            "its images are usually worse, not better"
+        )
+
     def to_json(self) -> dict:
         return {
             "method": self.method,
@@ -234,27 +262,58 @@ def teacher_folder(name: str | Path) -> Path:
     raise FileNotFoundError(f"the teacher {str(name)!r} named by {RECIPE_FILE} is not a folder here")
 
 
+def pipeline_dir(folder: str | Path) -> Path:
+    """The exported pipeline of an export folder: its ``pipeline/`` (the default layout), or the folder itself when
+    ``model_index.json`` sits at its root (the hub layout, ``fastdiff export --hub-layout``)."""
+    folder = Path(folder)
+    if not (folder / "pipeline").is_dir() and (folder / "model_index.json").is_file():
+        return folder
+    return folder / "pipeline"
+
+
 def step_sources(folder: str | Path, step: StepRecipe, data: dict | None = None) -> tuple[Path, Path | None]:
     """(pipeline folder, LoRA folder or None) that serve ``step`` of the export ``folder``: its ``pipeline/``, or
     the teacher named by ``data`` (default: the export's fastdiff.json) and the step's LoRA, inside the export."""
     folder = Path(folder)
     if step.lora is None:
-        return folder / "pipeline", None
+        return pipeline_dir(folder), None
     lora = folder / step.lora
     if not lora.resolve().is_relative_to(folder.resolve()):
         raise ValueError(f"{folder}: {RECIPE_FILE} points a LoRA outside the export ({step.lora})")
     data = read_recipe(folder) if data is None else data
-    return teacher_folder(data["teacher"]), lora
+    return export_teacher(data), lora
+
+
+def export_teacher(data: dict) -> Path:
+    """The teacher folder of an export's fastdiff.json: its resolved ``teacher_path`` where that is a folder here,
+    else ``teacher`` as given (``teacher_folder``)."""
+    resolved = data.get("teacher_path")
+    if resolved and Path(resolved).is_dir():
+        return Path(resolved)
+    return teacher_folder(data["teacher"])
 
 
 def load_lora_pipeline(pipeline_folder: str | Path, lora: str | Path, lora_scale: float = 1.0, **kwargs):
     """A pipeline folder with a LoRA folder fused in at ``lora_scale`` through diffusers' own loader (as export
-    writes ``pipeline/``)."""
+    writes ``pipeline/``). A LoRA folder that records its base (an export's) must go on that base: a ValueError
+    otherwise (``check_lora_base``)."""
     pipe = load_pipeline(pipeline_folder, **kwargs)
+    check_lora_folder(pipe.unet, lora)
     pipe.load_lora_weights(str(lora))
     pipe.fuse_lora(lora_scale=lora_scale)
     pipe.unload_lora_weights()
     return pipe
+
+
+def check_lora_folder(unet, lora: str | Path) -> None:
+    """``check_lora_base`` for a LoRA folder (or a file in one) with the base its ``fastdiff_lora.json`` records;
+    nothing for a LoRA without one."""
+    from .models.lora import LORA_INFO_FILE, check_lora_base
+
+    lora = Path(lora)
+    info = (lora if lora.is_dir() else lora.parent) / LORA_INFO_FILE
+    if info.is_file():
+        check_lora_base(unet, json.loads(info.read_text()), str(lora))
 
 
 def load_step_pipeline(folder: str | Path, step: StepRecipe, data: dict | None = None, **kwargs):

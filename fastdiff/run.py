@@ -24,12 +24,26 @@ def make_batch_fn(
     cfg: TrainConfig, teacher, resolution: int, prompts, dataset, rank: int, world_size: int, indices=None
 ):
     """``batch_fn(step, micro, generator)``: the batch of one micro-step, a pure function of its arguments.
-    ``indices(step, micro)`` chooses its items (a method's ``batch_indices``); default: shuffled epochs."""
-    from .data import sample_indices
+    ``indices(step, micro)`` chooses its items (a method's ``batch_indices``); default: shuffled epochs. Dataset
+    images are decoded by a ``data.StepItemLoader`` (in ``cfg.dataloader_num_workers`` worker processes, ahead of
+    the step), each with a torch seed of its (seed, rank, micro-step, position): the same batch with any number of
+    workers, and on resume."""
+    from .data import StepItemLoader, item_seed, sample_indices
 
     n_items = len(dataset) if dataset is not None else len(prompts)
     accum = cfg.gradient_accumulation_steps
     posteriors: dict[int, tuple] = {}  # cache_latents: dataset index -> VAE posterior (mean, std)
+
+    def choose(key: int) -> list[int]:  # key: the micro-step, step * accum + micro
+        if indices is not None:
+            return list(indices(*divmod(key, accum)))
+        return sample_indices(n_items, cfg.train_batch_size, key, cfg.seed, rank, world_size)
+
+    def plan(key: int) -> tuple[list[int], list[int]]:
+        idx = choose(key)
+        return idx, [item_seed(cfg.seed, key, pos, rank) for pos in range(len(idx))]
+
+    loader = StepItemLoader(dataset, plan, cfg.dataloader_num_workers) if dataset is not None else None
 
     def real_latents(idx, items, generator):
         if not cfg.cache_latents:
@@ -44,18 +58,13 @@ def make_batch_fn(
         return teacher.sample_latents(mean, std, generator=generator)
 
     def batch_fn(step: int, micro: int, generator: torch.Generator) -> dict:
-        if indices is not None:
-            idx = list(indices(step, micro))
-        else:
-            idx = sample_indices(
-                n_items, cfg.train_batch_size, step * accum + micro, cfg.seed, rank, world_size
-            )
         real = None
-        if dataset is not None:
-            items = [dataset[i] for i in idx]
+        if loader is not None:
+            idx, items = loader(step * accum + micro)
             texts = [it["prompt"] for it in items]
             real = real_latents(idx, items, generator)
         else:
+            idx = choose(step * accum + micro)
             texts = [prompts[i] for i in idx]
         return {"cond": teacher.encode(texts, resolution), "real": real, "prompts": texts, "indices": idx}
 
@@ -160,7 +169,11 @@ def run_context(cfg: TrainConfig, teacher, accelerator=None, with_data: bool = T
         ctx.rank, ctx.world_size = accelerator.process_index, accelerator.num_processes
         ctx.barrier = accelerator.wait_for_everyone
     if with_data:
-        ctx.dataset = open_dataset(cfg.dataset, resolution) if cfg.dataset else None
+        ctx.dataset = (
+            open_dataset(cfg.dataset, resolution, cfg.image_column, cfg.caption_column)
+            if cfg.dataset
+            else None
+        )
         ctx.prompts = load_prompts(cfg.prompts) if cfg.prompts else None
         from .methods import registry
 
@@ -214,7 +227,7 @@ def _train(cfg: TrainConfig) -> Path:
         method.batch_indices(ctx),
     )
     validate = make_validate_fn(cfg, method, teacher, ctx.resolution, ctx.latent_shape, accelerator)
-    trainer = Trainer(method, cfg, batch_fn, validate, to_dict(cfg), accelerator)
+    trainer = Trainer(method, cfg, batch_fn, validate, saved_config(cfg, teacher), accelerator)
     t0 = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - t0
@@ -224,15 +237,45 @@ def _train(cfg: TrainConfig) -> Path:
         )
     if cfg.export and accelerator.is_main_process:
         trainer.use_ema_weights()
-        export(method, teacher, to_dict(cfg), out, cfg.lora_scale, cfg.validation_prompts, train_seconds)
+        config = saved_config(cfg, teacher)  # the teacher as given and resolved
+        export(method, teacher, config, out, cfg.lora_scale, cfg.validation_prompts, train_seconds)
         logger.info("exported to %s", out)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers (and, with several ranks, the process group)
     return out
 
 
+def saved_config(cfg: TrainConfig, teacher) -> dict:
+    """The plain config a run's checkpoints and export record: ``to_dict(cfg)``, whose ``teacher`` is the teacher as
+    given, plus ``teacher_path``, the folder it was loaded from resolved to an absolute path (so that a checkpoint
+    exports from any working directory; ``load_checkpoint_method`` takes it out again)."""
+    return {**to_dict(cfg), "teacher_path": str(Path(teacher.path).resolve())}
+
+
+def checkpoint_teacher(checkpoint: Path, given: str, resolved: str | None) -> str:
+    """The teacher folder of a checkpoint: the absolute path recorded at training time, else the teacher as given
+    (relative to the working directory, or one of fastdiff's bundled teachers). A TeacherError naming ``--teacher``
+    when neither is a folder here."""
+    from .recipe import teacher_folder
+    from .teacher import TeacherError
+
+    if resolved and Path(resolved).is_dir():
+        return resolved
+    try:
+        return str(teacher_folder(given))
+    except FileNotFoundError:
+        where = f"{given!r}" + (f" ({resolved})" if resolved and resolved != given else "")
+        raise TeacherError(
+            f"{checkpoint}: its teacher {where} is not a folder here: pass the teacher folder with "
+            "`fastdiff export --teacher <folder>`"
+        ) from None
+
+
 def load_checkpoint_method(checkpoint: str | Path, teacher: str | None = None, ema: bool = True):
-    """Rebuild (method, teacher, cfg) from a checkpoint's saved config and load its weights (EMA where kept)."""
+    """Rebuild (method, teacher, cfg) from a checkpoint's saved config and load its weights (EMA where kept).
+
+    The teacher is ``teacher`` when given (``cfg.teacher`` becomes it), else the one the checkpoint records
+    (``checkpoint_teacher``); ``cfg.teacher`` stays as given, the Teacher is loaded from the resolved folder."""
     import json
 
     from safetensors.torch import load_file
@@ -246,10 +289,12 @@ def load_checkpoint_method(checkpoint: str | Path, teacher: str | None = None, e
     state_file = checkpoint / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a fastdiff checkpoint (no trainer_state.json)")
-    cfg = from_dict(json.loads(state_file.read_text())["config"])
+    saved = json.loads(state_file.read_text())["config"]
+    resolved = saved.pop("teacher_path", None)
+    cfg = from_dict(saved)
     if teacher:
         cfg.teacher = teacher
-    t = Teacher(cfg.teacher)
+    t = Teacher(teacher or checkpoint_teacher(checkpoint, cfg.teacher, resolved))
     method = build(run_context(cfg, t, with_data=False))
     groups = method.groups()
     load_group_tensors(groups, load_file(str(checkpoint / "trainable.safetensors")), checkpoint)
@@ -264,12 +309,23 @@ def load_checkpoint_method(checkpoint: str | Path, teacher: str | None = None, e
     return method, t, cfg
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, teacher: str | None = None) -> Path:
-    """Export a checkpoint (EMA weights where kept) as pipeline/ + lora/ + fastdiff.json + model card."""
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, teacher: str | None = None, hub_layout: bool = False
+) -> Path:
+    """Export a checkpoint (EMA weights where kept) as pipeline/ (or, ``hub_layout``, a loadable repo at the root)
+    + lora/ + fastdiff.json + model card."""
     from .export import export
 
     method, t, cfg = load_checkpoint_method(checkpoint, teacher)
-    return export(method, t, to_dict(cfg), out_dir, cfg.lora_scale, prompts=cfg.validation_prompts)
+    return export(
+        method,
+        t,
+        saved_config(cfg, t),
+        out_dir,
+        cfg.lora_scale,
+        prompts=cfg.validation_prompts,
+        hub_layout=hub_layout,
+    )
 
 
 def prepare(cfg: TrainConfig):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,48 @@ def check_pipeline_folder(path: str | os.PathLike, families=FAMILIES) -> str:
     if cls not in families:
         raise TeacherError(f"{path} holds a {cls}; supported teachers: {', '.join(families)}")
     return cls
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]$")
+_HUB_CACHE_DIR = re.compile(r"^models--([\w.-]+)--([\w.-]+)$")
+
+
+def teacher_hub_id(name: str, path: str | os.PathLike) -> str | None:
+    """The model hub id of a teacher, where one can be told: ``name`` (the teacher as given) when it has the form
+    ``owner/model`` (one slash, not starting with ``.`` or ``/``), or the ``models--owner--model`` folder of a
+    Hugging Face cache snapshot among the parts of its resolved ``path``; else None (a local folder of unknown
+    origin)."""
+    if _HUB_ID.match(str(name)) and ".." not in str(name):
+        return str(name)
+    for part in reversed(Path(path).resolve().parts):
+        if m := _HUB_CACHE_DIR.match(part):
+            return f"{m.group(1)}/{m.group(2)}"
+    return None
+
+
+def teacher_license(path: str | os.PathLike) -> dict:
+    """The teacher's license as a model card states it: ``license`` (with ``license_name`` and ``license_link``
+    where given, as for ``license: other``) from the front matter of the folder's README.md (hub downloads carry
+    it), else the ``license`` of its ``fastdiff_teacher.json``; {} when neither says."""
+    import yaml
+
+    folder = Path(path)
+    readme = folder / "README.md"
+    if readme.is_file():
+        text = readme.read_text(errors="replace")
+        if text.startswith("---"):
+            try:
+                meta = yaml.safe_load(text[3:].split("\n---", 1)[0])
+            except yaml.YAMLError:
+                meta = None
+            if isinstance(meta, dict) and meta.get("license"):
+                return {k: str(meta[k]) for k in ("license", "license_name", "license_link") if meta.get(k)}
+    info = folder / "fastdiff_teacher.json"
+    if info.is_file():
+        license = json.loads(info.read_text()).get("license")
+        if license:
+            return {"license": str(license)}
+    return {}
 
 
 class Teacher:

@@ -15,8 +15,8 @@ This file is self-contained (torch + diffusers). An AGD export folder carries it
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 
-    from fastdiff.pipelines import StableDiffusionXLAdapterGuidancePipeline   # no remote code runs
-    pipe = StableDiffusionXLAdapterGuidancePipeline.from_pretrained(folder)
+    # with fastdiff installed, its own copy of the class (no code from the folder runs):
+    pipe = fastdiff.pipelines.StableDiffusionXLAdapterGuidancePipeline.from_pretrained(folder)
 """
 
 import importlib

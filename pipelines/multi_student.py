@@ -16,8 +16,8 @@ pipeline in the folder root, the router in ``students/``), so either of these lo
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 
-    from fastdiff.pipelines import StableDiffusionXLMultiStudentPipeline   # no remote code runs
-    pipe = StableDiffusionXLMultiStudentPipeline.from_pretrained(folder)
+    # with fastdiff installed, its own copy of the class (no code from the folder runs):
+    pipe = fastdiff.pipelines.StableDiffusionXLMultiStudentPipeline.from_pretrained(folder)
 """
 
 import dataclasses
@@ -36,9 +36,12 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+logger = logging.get_logger(__name__)
 
 PIPELINE_MODULE = "multi_student"  # this file's name inside an export folder (root and students/)
 LORA_FILE = "lora.safetensors"  # student_<k>/lora.safetensors: one student's peft state dict
@@ -87,6 +90,8 @@ class StudentRouter(ModelMixin, ConfigMixin):
         table: training prompt -> id of the student trained on it; it wins over the centroids.
         kind: "lora" (students are LoRAs of the pipeline's UNet) or "unet" (whole UNets; student 0 is the pipeline's).
         lora_configs: kind "lora": each student's peft LoraConfig as a dict.
+        num_inference_steps / guidance_scale / step_counts: the call the students were trained for (fastdiff.json's
+            keys of the same names): the pipeline's defaults, and the only step counts it runs at. None: no rule.
 
     State besides the config: the buffer ``centroids`` [K, D] (normalised mean routing embedding of each student's
     prompts; zeros until set), and ``lora_weights`` (kind "lora": K peft state dicts, keys without adapter name,
@@ -102,6 +107,9 @@ class StudentRouter(ModelMixin, ConfigMixin):
         table: dict | None = None,
         kind: str = "lora",
         lora_configs: list | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        step_counts: list | None = None,
     ):
         super().__init__()
         if num_students < 1:
@@ -324,6 +332,27 @@ class _MultiStudent:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return self.students.route(prompts, route_embedding(*self._encode(prompts)))
 
+    def _trained_call(self, num_inference_steps, guidance_scale):
+        """The call's steps and guidance, the router's recorded ones where None, checked against them."""
+        trained = self.students.config
+        steps = trained.get("num_inference_steps") if num_inference_steps is None else num_inference_steps
+        guidance = trained.get("guidance_scale") if guidance_scale is None else guidance_scale
+        counts = trained.get("step_counts")
+        if counts and steps not in counts:
+            raise ValueError(
+                f"num_inference_steps={steps}: these students were trained for {counts} step(s) "
+                f"(fastdiff.json: num_inference_steps={trained.get('num_inference_steps')}, step_counts)"
+            )
+        trained_guidance = trained.get("guidance_scale")
+        if guidance is not None and guidance > 1 and trained_guidance is not None and trained_guidance <= 1:
+            logger.warning(
+                "guidance_scale=%g runs classifier-free guidance (two UNet passes per step) on students trained "
+                "without it (fastdiff.json: guidance_scale %g)",
+                guidance,
+                trained_guidance,
+            )
+        return steps, guidance
+
     @torch.no_grad()
     def __call__(
         self,
@@ -343,9 +372,11 @@ class _MultiStudent:
         The initial noise of the whole batch is drawn first from ``generator`` (as the stock pipeline's
         ``prepare_latents`` draws it), so an image's noise does not depend on how the batch splits among the
         students; each student's call then gets its rows of it. ``num_inference_steps`` / ``guidance_scale``: None
-        keeps the stock default. Other keyword arguments go to every student's call; per-prompt ones
-        (``negative_prompt`` lists etc.) are split with the prompts.
+        is the call the students were trained for (the router's config); a step count they were not trained for
+        is refused, and CFG on students trained without it is warned about. Other keyword arguments go to every
+        student's call; per-prompt ones (``negative_prompt`` lists etc.) are split with the prompts.
         """
+        num_inference_steps, guidance_scale = self._trained_call(num_inference_steps, guidance_scale)
         if (
             prompt is None
             or kwargs.get("prompt_embeds") is not None

@@ -279,15 +279,49 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
         expected = (
             students[cfg.method](method_cfg) if cfg.method in students else ddim_timesteps(method_cfg.segments[-1])
         ) if cfg.method != "agd" else _agd_timesteps(cfg)  # fmt: skip
-    # StableDiffusionPipeline resets a scheduler's steps_offset to 1 on load, so one step at t != 999 is passed as
-    # explicit timesteps there (SDXL keeps the offset and derives it)
-    offset_lost = family == "sd15" and len(expected) == 1 and expected[0] != 999
-    assert recipe_out["timesteps"] == list(expected) and recipe_out["timesteps_derivable"] != offset_lost
+    assert recipe_out["timesteps"] == list(expected) and recipe_out["timesteps_derivable"]
     # The export's self-check compares fastdiff's sampler with the exported pipeline. These recipes train in bf16,
     # which rounds the frozen teacher weights held in memory, while the export rebuilds from the fp32 teacher folder:
     # through four steps of a random tiny UNet that is about 0.1; a wrong scheduler differs by O(1). (fp32 runs
     # agree to 1e-4: test_launch_checkpoint_resume_export_and_plain_diffusers_load.)
     assert recipe_out["check"]["max_abs_diff_latents"] < (0.25 if cfg.mixed_precision == "bf16" else 1e-3)
+    _check_any_call(tmp_path, recipe_out)
+
+
+def _check_any_call(export: Path, recipe: dict) -> None:
+    """The exported pipeline, loaded as a diffusers user loads it and called with diffusers' defaults and at other
+    step counts, either samples at timesteps the student was trained at or refuses before any UNet call with a
+    ValueError. (Students that sample through any diffusers scheduler (AGD) or at any t (TSCD's consistency
+    students, DDIM-sampled) run at every count.)"""
+    from PIL import Image
+
+    from fastdiff.recipe import load_pipeline
+
+    pipe = load_pipeline(export / "pipeline")  # the standard class, or fastdiff's copy of a custom one
+    pipe.set_progress_bar_config(disable=True)
+    trained = {int(t) for t in recipe["timesteps"]}
+    for r in (recipe.get("recipes") or {}).values():
+        trained |= set(_recipe_timesteps(r, recipe["teacher"]) if r.get("scheduler") else [])
+    inputs = {}
+    if recipe["pipeline_class"] == "StableDiffusionUpscalePipeline":
+        inputs = {"image": Image.new("RGB", (16, 16), (90, 120, 150))}
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(int((a[1:] or [kw["timestep"]])[0])), with_kwargs=True
+    )
+    try:
+        for steps in (None, 2, 3, 8):
+            seen.clear()
+            kwargs = {} if steps is None else {"num_inference_steps": steps}
+            try:
+                pipe("a red square", **inputs, **kwargs, output_type="latent")
+            except ValueError:
+                assert not seen, f"{steps} steps: refused after {len(seen)} UNet calls"
+                continue
+            if recipe["sampler"] == "lcm":
+                assert set(seen) <= trained, f"{steps} steps sampled at {sorted(set(seen) - trained)}"
+    finally:
+        hook.remove()
 
 
 def test_tscd_lora_runs_at_1_2_4_8_steps_with_the_recorded_schedulers(
@@ -373,6 +407,7 @@ def test_tscd_lora_runs_at_1_2_4_8_steps_with_the_recorded_schedulers(
 
 
 def test_sid_few_step_launch_and_export_run_at_every_k_in_plain_diffusers(tiny_teachers, tmp_path):
+    import diffusers
     from diffusers import DiffusionPipeline
 
     from fastdiff.methods.sid import step_timesteps
@@ -401,7 +436,12 @@ def test_sid_few_step_launch_and_export_run_at_every_k_in_plain_diffusers(tiny_t
     method, teacher, _ = load_checkpoint_method(out / "checkpoints/checkpoint-4")
     cond = teacher.encode([PROMPT])
     pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
-    for k in (1, 2, 3, 4):  # one exported pipeline, every step count, timesteps derived from k alone
+    saved = pipe.scheduler
+    with pytest.raises(ValueError):  # the saved scheduler refuses more steps than trained, before sampling
+        pipe(PROMPT, num_inference_steps=5, output_type="latent")
+    for k in (1, 2, 3, 4):  # one exported pipeline, every step count with its recipe's diffusers scheduler
+        r = recipe["recipes"][str(k)]
+        pipe.scheduler = getattr(diffusers, r["scheduler"]).from_config(saved.config, **r["scheduler_kwargs"])
         latents = pipe(
             PROMPT, num_inference_steps=k, guidance_scale=0.0, output_type="latent",
             generator=torch.Generator().manual_seed(0),

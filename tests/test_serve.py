@@ -380,6 +380,16 @@ def test_kohya_lora_and_fastdiff_export_are_served_with_the_export_recipe(server
     assert (
         two["fastdiff"]["num_inference_steps"] == 2 and n_calls_two == 2
     )  # an LCM export may change its steps
+    assert served["warnings"] == []
+    # a step count it was not trained for is the client's error, naming the counts it was
+    r = client.post(
+        "/v1/images/generations", json={"prompt": "x", "adapters": [{"name": "distilled"}], "steps": 8}
+    )
+    assert r.status_code == 422 and "[1, 2, 3, 4]" in r.text and "fastdiff.json" in r.text, r.text
+    # CFG asked of a student trained without it is served with a warning
+    cfg = generate(client, adapters=[{"name": "distilled"}], guidance_scale=3.0)
+    assert cfg["fastdiff"]["guidance_scale"] == 3.0
+    assert len(cfg["warnings"]) == 1 and "trained without it" in cfg["warnings"][0]
 
     # ... and equals the export sampled by plain diffusers as its model card says
     from diffusers import DiffusionPipeline, LCMScheduler
@@ -410,6 +420,23 @@ def test_kohya_lora_and_fastdiff_export_are_served_with_the_export_recipe(server
         "fastdiff_adapter_loads_total",
     ):
         assert name in text
+
+
+def test_an_export_lora_on_another_base_is_refused(server, assets):
+    """An export's LoRA records the UNet it was trained on; registered on a server whose base has other UNet weights
+    (here: the record altered, as if trained on another teacher), it is a 400 naming the trained-on teacher."""
+    client, _ = server
+    wrong = assets["root"] / "wrong_base"
+    shutil.copytree(assets["root"] / "distilled", wrong)
+    info_file = wrong / "lora" / "fastdiff_lora.json"
+    info = json.loads(info_file.read_text())
+    info["lora_base"]["unet_fingerprint"] = "0" * 16
+    info_file.write_text(json.dumps(info))
+    try:
+        r = client.post("/v1/adapters", json={"path": "wrong_base"})
+        assert r.status_code == 400 and "was trained on" in r.text and "--base" in r.text, r.text
+    finally:
+        shutil.rmtree(wrong)
 
 
 def test_a_tscd_export_serves_each_step_count_with_its_own_lora(tiny_teachers, tmp_path):
@@ -599,7 +626,7 @@ def test_a_multi_student_export_serves_each_prompt_with_its_students_lora(msd_se
     exported multi-student pipeline routes) and sampled with that student's LoRA: the images equal plain diffusers
     with lora/student_<k> on the base (and the exported pipeline's), also when requests of both students arrive
     together, and the response names the student."""
-    from diffusers import DDIMScheduler, DiffusionPipeline
+    from diffusers import DiffusionPipeline, LCMScheduler
 
     from fastdiff.pipelines import StableDiffusionXLMultiStudentPipeline
 
@@ -632,7 +659,7 @@ def test_a_multi_student_export_serves_each_prompt_with_its_students_lora(msd_se
         pipe = DiffusionPipeline.from_pretrained(tiny_teachers["sdxl"])
         pipe.set_progress_bar_config(disable=True)
         pipe.load_lora_weights(export / f"lora/student_{k}", adapter_name="student")
-        pipe.scheduler = DDIMScheduler.from_pretrained(export / "pipeline", subfolder="scheduler")
+        pipe.scheduler = LCMScheduler.from_pretrained(export / "pipeline", subfolder="scheduler")
         for p in prompts:
             images = pipe([p, p], num_inference_steps=1, guidance_scale=0.0, output_type="np",
                           generator=[torch.Generator().manual_seed(3 + i) for i in range(2)]).images  # fmt: skip

@@ -1,15 +1,20 @@
 """``fastdiff bench quality``: every system meets the teacher on the same work.
 
-For a digits teacher and a list of systems (the teacher at given steps/CFG, fastdiff exports), sample N images per
-system with fixed seeds and prompts balanced over the 10 digits, then score them against the held-out digits:
-FD-digits, prompt accuracy, coverage, diversity, plus NFE (UNet calls per image) and end-to-end latency. Writes
-``bench.json`` (a list of rows), ``bench.md`` (a table) and one sample grid per row. ``--gmm`` runs the same rows on
-the analytic Gaussian-mixture teacher with exact metrics (NLL, mode coverage, sliced W2).
+For a teacher and a list of systems (the teacher at given steps/CFG, fastdiff exports), sample N images per system
+with fixed seeds, then score them. With the digits prompts (the default: balanced over the 10 digits) the scores
+are the digits metrics against the held-out digits: FD-digits, prompt accuracy, coverage, diversity. With a prompt
+list (``--prompts``, e.g. COCO captions) the digits metrics are off, as they need digit labels. Either way, from
+local model files where given (``reference_metrics``): CLIP score of each image with its prompt (``--clip``), and
+FID and KID against a folder of real images (``--inception`` + ``--reference-images``). Every row also has NFE
+(UNet calls per image) and end-to-end latency. Writes ``bench.json`` (a list of rows), ``bench.md`` (a table) and
+one sample grid per row. ``--gmm`` runs the same rows on the analytic Gaussian-mixture teacher with exact metrics
+(NLL, mode coverage, sliced W2).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +23,11 @@ import torch
 
 from ..digits.data import balanced_prompts
 from ..export import image_grid
-from ..recipe import Recipe, read_recipe, step_sources
+from ..recipe import Recipe, pipeline_dir, read_recipe, step_sources
+from .reference_metrics import CLIPScore, InceptionReference
 
 TEACHER_STEPS = (1, 2, 4, 8, 25)
+GRID_IMAGES = 16  # images in a system's grid with a prompt list
 
 
 @dataclass
@@ -80,14 +87,14 @@ def stacked_system(agd_export: str, student_export: str, steps: int, guidance_sc
     if guide.get("nfe_per_step") != 1:
         raise ValueError(f"{agd_export} is not a guidance-adapter export (one UNet call per step)")
     # the student's own scheduler (class and config, e.g. set_alpha_to_one), then its per-step options on top
-    saved = Path(student_export) / "pipeline" / "scheduler" / "scheduler_config.json"
+    saved = pipeline_dir(student_export) / "scheduler" / "scheduler_config.json"
     config = json.loads(saved.read_text()) if saved.is_file() else {"_class_name": recipe["scheduler"]}
     scheduler = {"class": config["_class_name"], **{k: v for k, v in config.items() if not k.startswith("_")}}
     scheduler.update(student.scheduler or {})
     return System(
         f"{guide['method']}+{Path(student_export).name}-{steps}-w{guidance_scale:g}",
         f"{guide['method']}+{recipe['method']}",
-        str(Path(agd_export) / "pipeline"),
+        str(pipeline_dir(agd_export)),
         steps,
         guidance_scale,
         scheduler=scheduler,
@@ -96,19 +103,22 @@ def stacked_system(agd_export: str, student_export: str, steps: int, guidance_sc
     )
 
 
-def _load(system: System):
+def _load(system: System, device: str | None = None):
     from diffusers import DDIMScheduler
 
-    from ..recipe import load_lora_pipeline, load_pipeline, make_scheduler
+    from ..recipe import check_lora_folder, load_lora_pipeline, load_pipeline, make_scheduler
 
     # a standard pipeline, or a custom one (AGD's adapter guidance) through fastdiff's own class
     if system.lora and system.lora_scale is not None:
         pipe = load_lora_pipeline(system.pipeline, system.lora, system.lora_scale, use_safetensors=True)
     else:
         pipe = load_pipeline(system.pipeline, use_safetensors=True)
-        if system.lora:
+        if system.lora:  # on the pipeline's UNet as it is: the LoRA's recorded base must be that UNet
+            check_lora_folder(pipe.unet, system.lora)
             pipe.load_lora_weights(system.lora)
     pipe.set_progress_bar_config(disable=True)
+    if device is not None and torch.device(device).type != "cpu":
+        pipe.to(device, torch.float16)  # the GPU's usual inference precision
     if system.scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(
             pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False
@@ -120,16 +130,12 @@ def _load(system: System):
 
 
 @torch.no_grad()
-def sample(
-    system: System, n: int, batch: int = 100, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(images [n, 3, H, W] in [0, 1], labels [n], seconds per image end to end)."""
-    if n <= 0:
-        raise ValueError(f"the number of images per system must be positive, got {n}")
-    pipe = _load(system)
-    prompts, labels = balanced_prompts(n)
-    images, seconds = [], 0.0
-    for i in range(0, n, batch):
+def sample_batches(system: System, prompts: list[str], batch: int = 100, seed: int = 0, device=None):
+    """Yields (images [b, 3, H, W] in [0, 1] on the CPU, seconds end to end) for each batch of ``prompts``; the
+    batch starting at prompt i draws its noise from a CPU generator seeded with ``seed + i`` (the same noise on
+    any ``device``; a GPU samples in float16)."""
+    pipe = _load(system, device)
+    for i in range(0, len(prompts), batch):
         gen = torch.Generator().manual_seed(seed + i)
         t0 = time.perf_counter()
         out = pipe(
@@ -140,9 +146,18 @@ def sample(
             output_type="pt",
             **(system.extra or {}),
         ).images
-        seconds += time.perf_counter() - t0
-        images.append(out.float().cpu())
-    return torch.cat(images), torch.tensor(labels), seconds / n
+        yield out.float().cpu(), time.perf_counter() - t0
+
+
+def sample(
+    system: System, n: int, batch: int = 100, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(images [n, 3, H, W] in [0, 1], labels [n], seconds per image end to end) for the digits prompts."""
+    if n <= 0:
+        raise ValueError(f"the number of images per system must be positive, got {n}")
+    prompts, labels = balanced_prompts(n)
+    parts = list(sample_batches(system, prompts, batch, seed))
+    return torch.cat([p[0] for p in parts]), torch.tensor(labels), sum(p[1] for p in parts) / n
 
 
 def nfe(system: System) -> int:
@@ -151,40 +166,94 @@ def nfe(system: System) -> int:
     return system.steps * (2 if cfg else 1)
 
 
+def sample_and_score(
+    system: System,
+    prompts: list[str],
+    batch: int,
+    clip: CLIPScore | None = None,
+    inception: InceptionReference | None = None,
+    keep: int | None = None,
+    device=None,
+) -> tuple[torch.Tensor, float, dict]:
+    """Sample ``system`` on ``prompts`` and score each batch as it comes: (the first ``keep`` images, all for None;
+    seconds per image; ``clip_score`` and/or ``fid``, ``kid_mean``, ``kid_std`` for the metrics given)."""
+    kept, clip_scores, features, seconds, done = [], [], [], 0.0, 0
+    for images, sec in sample_batches(system, prompts, batch, device=device):
+        seconds += sec
+        if clip is not None:
+            clip_scores.append(clip.scores(images, prompts[done : done + len(images)]))
+        if inception is not None:
+            features.append(inception.features(images))
+        kept.append(images if keep is None else images[: max(0, keep - done)])
+        done += len(images)
+    scores = {} if clip is None else {"clip_score": float(torch.cat(clip_scores).mean())}
+    if inception is not None:
+        scores.update(inception.scores(torch.cat(features)))
+    return torch.cat(kept), seconds / done, scores
+
+
+def digits_grid(images: torch.Tensor, labels: torch.Tensor):
+    """Up to 10 images per digit, one grid row per digit."""
+    order = torch.argsort(labels, stable=True)
+    per_digit = max(1, min(10, len(labels) // 10))
+    pick = torch.cat([order[labels[order] == d][:per_digit] for d in range(10)])
+    return image_grid(images[pick], rows=10)
+
+
 def run(
-    systems: list[System], out: str | Path, n: int = 1000, batch: int = 100, classifier=None
+    systems: list[System],
+    out: str | Path,
+    n: int = 1000,
+    batch: int = 100,
+    classifier=None,
+    prompts: list[str] | None = None,
+    clip: CLIPScore | None = None,
+    inception: InceptionReference | None = None,
+    device=None,
 ) -> list[dict]:
-    """Sample, score and write bench.json / bench.md / grids for ``systems``."""
+    """Sample, score and write bench.json / bench.md / grids for ``systems``.
+
+    ``prompts``: None for the digits prompts and metrics, or a list of prompts (repeated in order up to ``n``) and
+    no digits metrics; then only a system's first ``GRID_IMAGES`` images are kept, for its grid. ``clip`` adds the
+    column ``clip_score``; ``inception`` adds ``fid``, ``kid_mean`` and ``kid_std``. ``device``: where pipelines
+    sample (None: the CPU); the metric models stay where the caller put them.
+    """
     from .metrics import DigitsEvaluator
 
     if n <= 0:
         raise ValueError(f"the number of images per system must be positive, got {n}")
+    if inception is not None and n < 2:
+        raise ValueError(f"FID/KID need at least 2 images per system, got {n}")
+    if prompts is not None and not prompts:
+        raise ValueError("the prompt list is empty")
     out = Path(out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    evaluator = DigitsEvaluator(classifier) if classifier is not None else DigitsEvaluator()
+    digits = prompts is None
+    if digits:
+        prompts, labels = balanced_prompts(n)
+        labels = torch.tensor(labels)
+        evaluator = DigitsEvaluator(classifier) if classifier is not None else DigitsEvaluator()
+    else:
+        prompts = [prompts[i % len(prompts)] for i in range(n)]
     rows = []
     for system in systems:
-        images, labels, sec = sample(system, n, batch)
-        scores = evaluator(images, labels)
-        order = torch.argsort(labels, stable=True)  # grid: one row per digit
-        per_digit = max(1, min(10, n // 10))
-        pick = torch.cat([order[labels[order] == d][:per_digit] for d in range(10)])
-        image_grid(images[pick], rows=10).save(out / "grids" / f"{system.name}.png")
+        keep = None if digits else GRID_IMAGES
+        images, seconds, scores = sample_and_score(system, prompts, batch, clip, inception, keep, device)
         row = {
             "system": system.name,
             "method": system.method,
             "steps": system.steps,
             "guidance_scale": system.guidance_scale,
             "nfe": nfe(system),
-            "fd_digits": scores["fd_digits"],
-            "prompt_accuracy": scores["prompt_accuracy"],
-            "coverage": scores["coverage"],
-            "diversity": scores["diversity"],
-            "latency_ms": sec * 1e3,
+            **(evaluator(images, labels) if digits else {}),
+            "latency_ms": seconds * 1e3,
             "batch": batch,
             "n": n,
             "train_seconds": system.train_seconds,
+            **scores,
         }
+        grid = digits_grid(images, labels) if digits else image_grid(images, rows=math.isqrt(len(images)))
+        grid.save(out / "grids" / f"{system.name}.png")
         rows.append(row)
         print(json.dumps(row), flush=True)
     write(rows, out)
@@ -203,6 +272,10 @@ def write(rows: list[dict], out: Path) -> None:
         "prompt_accuracy",
         "coverage",
         "diversity",
+        "clip_score",
+        "fid",
+        "kid_mean",
+        "kid_std",
         "latency_ms",
         "train_seconds",
     ]

@@ -104,7 +104,7 @@ def run(
         seed: seeds every pipeline call.
     """
     from ..export import image_grid
-    from ..recipe import load_pipeline, read_recipe, teacher_folder
+    from ..recipe import export_teacher, load_pipeline, read_recipe
     from ..sr.upscale import load_upscaler
     from ..teacher import DEFAULT_NOISE_LEVEL
 
@@ -112,7 +112,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     student, call = load_upscaler(export_dir)
     data = read_recipe(export_dir)
-    teacher_path = teacher_folder(data["teacher"])
+    teacher_path = export_teacher(data)
     teacher = load_pipeline(teacher_path, use_safetensors=True)
     teacher.set_progress_bar_config(disable=True)
     info = Path(teacher_path) / "fastdiff_teacher.json"

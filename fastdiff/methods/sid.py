@@ -406,15 +406,15 @@ class SiD(CriticMethod):
 
     # --- export -----------------------------------------------------------------------------------------------
     def recipe(self, scheduler_config: dict) -> Recipe:
-        """LCM-style sampling; a K-step generator samples at every k <= K on its k-step grid."""
+        """LCM-style sampling; a K-step generator samples at every k <= K on its k-step grid. The saved scheduler
+        derives the K-step grid alone (LCM's own grid refuses more than K steps in plain diffusers); each k has a
+        recipe with the scheduler that derives its grid (fastdiff.json's ``recipes``)."""
         ts, by_steps = self.student_timesteps, self.timesteps_by_steps
-        name, kwargs, derivable = derive_scheduler(scheduler_config, ts, "lcm", by_steps.values())
+        name, kwargs, derivable = derive_scheduler(scheduler_config, ts, "lcm")
         recipes = {}
-        if len(by_steps) > 1:  # one generator for every k <= K (the uniform mixture)
-            recipes = {
-                k: StepRecipe(k, 0.0, name, kwargs, timesteps=None if derivable else list(grid))
-                for k, grid in by_steps.items()
-            }
+        for k, grid in by_steps.items() if len(by_steps) > 1 else ():  # one generator for every k <= K
+            k_name, k_kwargs, k_derivable = derive_scheduler(scheduler_config, grid, "lcm")
+            recipes[k] = StepRecipe(k, 0.0, k_name, k_kwargs, timesteps=None if k_derivable else list(grid))
         return Recipe(self.name, len(ts), 0.0, ts, name, kwargs, derivable, "lcm", list(by_steps), recipes)
 
     # --- construction from a diffusers teacher ----------------------------------------------------------------

@@ -414,3 +414,82 @@ def named_adapter_parameters(unet: nn.Module, name: str) -> dict[str, nn.Paramet
     """``adapter_parameters`` keyed by their names in ``unet`` (stable keys for checkpoints)."""
     names = {id(p): n for n, p in unet.named_parameters(remove_duplicate=False)}
     return {names[id(p)]: p for p in adapter_parameters(unet, name)}
+
+
+# --- which base a LoRA goes on ----------------------------------------------------------------------------------
+FINGERPRINT_SAMPLES = 256  # values hashed per tensor, at a fixed stride
+LORA_INFO_FILE = "fastdiff_lora.json"  # the LoRA's base, written into each exported LoRA folder
+
+
+def unet_fingerprint(unet: nn.Module, dtype: torch.dtype = torch.float32) -> str:
+    """A short hash of a UNet's base weights: enough to tell the teacher UNet from the same UNet with a LoRA fused in.
+
+    It hashes, for every entry of ``unet.state_dict()`` in name order: the name, the shape, and at most
+    ``FINGERPRINT_SAMPLES`` values of the flattened tensor taken at a fixed stride (``ceil(numel / 256)``), cast to
+    ``dtype`` (default float32, whatever the tensor's own dtype) and read on the CPU. The device the UNet lives on
+    does not change it; the dtype it was loaded in does (a float32 load and a float16 load of one file round
+    differently), so compare fingerprints taken at the UNet's own precision. A LoRA loaded but not fused (peft
+    layers) leaves it unchanged: its ``lora_*`` weights are skipped and ``base_layer`` names read as the plain ones.
+
+    Returns:
+        16 hex digits of a SHA-256.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    entries = {}
+    for name, tensor in unet.state_dict().items():
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        entries[".".join(p for p in parts if p != "base_layer")] = tensor
+    for name in sorted(entries):
+        tensor = entries[name].detach()
+        flat = tensor.reshape(-1)
+        stride = max(1, -(-flat.numel() // FINGERPRINT_SAMPLES))
+        values = flat[::stride].to("cpu", dtype).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def lora_base_record(unet: nn.Module, teacher: str, teacher_path: str, loras: list[str]) -> dict:
+    """fastdiff.json's ``lora_base``: the UNet (the teacher's, loaded in float32) every LoRA of ``loras`` (folders
+    relative to the export) was trained on, with its fingerprint at float32 and at the half precisions a user may
+    load the teacher in."""
+    return {
+        "teacher": teacher,
+        "teacher_path": teacher_path,
+        "loras": list(loras),
+        "unet_fingerprint": unet_fingerprint(unet),
+        "unet_fingerprint_by_dtype": {
+            str(d).removeprefix("torch."): unet_fingerprint(unet, d) for d in (torch.float16, torch.bfloat16)
+        },
+    }
+
+
+def check_lora_base(unet: nn.Module, data: dict, where: str) -> None:
+    """Refuse to put an exported LoRA on a UNet other than the one it was trained on.
+
+    ``data`` is an export's fastdiff.json (or a LoRA folder's ``fastdiff_lora.json``) as a dict; its ``lora_base``
+    records the teacher and the fingerprint of its UNet. The fingerprint is taken at ``unet``'s own dtype (float32,
+    or float16 / bfloat16 where the record has one for it). A no-op when ``data`` records no fingerprint (exports
+    older than the record) or none at ``unet``'s dtype.
+
+    Raises:
+        ValueError: one line naming ``where``, the teacher and both fingerprints.
+    """
+    base = data.get("lora_base") or {}
+    dtype = next(unet.parameters()).dtype
+    name = str(dtype).removeprefix("torch.")
+    expected = base.get("unet_fingerprint") if dtype == torch.float32 else None
+    expected = expected or (base.get("unet_fingerprint_by_dtype") or {}).get(name)
+    if not expected:
+        return
+    actual = unet_fingerprint(unet, dtype)
+    if actual != expected:
+        raise ValueError(
+            f"{where}: this LoRA was trained on {base.get('teacher')} (fingerprint {expected}, {name}); the pipeline "
+            f"it is loaded on has different UNet weights ({actual}) — e.g. the export's pipeline/, which already "
+            "has it fused: load the LoRA on the teacher"
+        )

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models.lora import DIFFUSERS_WEIGHT_NAME, LoRAFormatError, validate_lora_file
-from ..recipe import RECIPE_FILE, Recipe, make_scheduler, read_recipe, scheduler_class
+from ..recipe import RECIPE_FILE, Recipe, make_scheduler, pipeline_dir, read_recipe, scheduler_class
 
 logger = logging.getLogger("fastdiff.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -348,7 +348,7 @@ class Registry:
 
     def _export_scheduler(self, folder: Path, recipe: dict) -> dict:
         """The scheduler config an export samples with (without diffusers' private ``_`` keys)."""
-        sched_file = folder / "pipeline" / "scheduler" / "scheduler_config.json"
+        sched_file = pipeline_dir(folder) / "scheduler" / "scheduler_config.json"
         if sched_file.is_file():  # the scheduler the export saved (and self-checked)
             config = json.loads(sched_file.read_text())
         else:  # only fastdiff.json + lora/ were copied: make it as the export did

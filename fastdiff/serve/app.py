@@ -8,7 +8,9 @@ Endpoints:
 - ``GET /healthz`` (never needs the token), ``GET /metrics`` (Prometheus text).
 
 A request naming a multi-student export (its recipe's ``students``) is routed by its prompt to one student, whose
-LoRA serves all its images; the response's ``fastdiff.student`` says which (null for other requests).
+LoRA serves all its images; the response's ``fastdiff.student`` says which (null for other requests). A request
+for a step count an export was not trained for is a 422 naming the counts it was; one asking CFG of an export trained
+without it is served, with the response's ``warnings`` saying so.
 
 Statuses: 401 missing/wrong bearer token; 404 unknown adapter; 409 adapter name taken; 400 a path or file that
 cannot be registered; 413 request body or adapter file over the limit; 422 a field out of range or malformed;
@@ -37,6 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..recipe import Recipe
 from .adapters import Registry, RequestError, Sampling, sampling_for
 from .metrics import CONTENT_TYPE, Metrics
 from .worker import BatchKey, Job, Unavailable, Worker
@@ -195,7 +198,8 @@ def load_pipeline(base: str, device: str | None = None, dtype: str | None = None
 def create_app(config: ServeConfig, pipe=None):
     """The FastAPI app. ``pipe`` (default: loaded from ``config.base``) is owned by the inference worker, which
     runs while the app's lifespan does (uvicorn runs it)."""
-    from ..models.lora import validate_lora_file
+    from ..models.lora import LoRAFormatError, validate_lora_file
+    from ..recipe import check_lora_folder
 
     if config.cache_size < 1 or config.max_batch_images < 1:
         raise ValueError("cache_size and max_batch_images must be at least 1")
@@ -206,9 +210,17 @@ def create_app(config: ServeConfig, pipe=None):
     worker_box: dict = {}
 
     def check(path) -> None:
-        """A LoRA's target modules must exist in the base UNet (read on the worker thread once it runs)."""
+        """A LoRA's target modules must exist in the base UNet, and a LoRA recording its base (an export's) must
+        be on that base (read on the worker thread once it runs)."""
         worker = worker_box.get("worker")
-        fn = lambda p: validate_lora_file(path, p.unet)  # noqa: E731
+
+        def fn(p):
+            validate_lora_file(path, p.unet)
+            try:
+                check_lora_folder(p.unet, path)
+            except ValueError as e:
+                raise LoRAFormatError(f"{e} (the server's --base is {config.base})") from None
+
         worker.call(fn) if worker is not None else fn(pipe)
 
     registry = Registry(config.adapters, dict(pipe.scheduler.config), config.max_adapter_bytes, check)
@@ -254,8 +266,11 @@ def create_app(config: ServeConfig, pipe=None):
                 {"WWW-Authenticate": "Bearer"},
             )
 
-    def plan(req) -> tuple[BatchKey, int]:
+    def plan(req) -> tuple[BatchKey, int, list[str]]:
+        """The batch key and seed of a request, and the warnings its answer carries (CFG asked of an export
+        trained without it)."""
         c = config
+        warnings = []
         if req.n > c.max_n:
             raise RequestError(422, f"n={req.n} is over the server's limit of {c.max_n} images per request")
         for field_name in ("prompt", "negative_prompt"):
@@ -290,6 +305,10 @@ def create_app(config: ServeConfig, pipe=None):
                 sampling = sampling_for(exports[0], req.steps, req.guidance_scale)
             except ValueError as e:
                 raise RequestError(422, str(e)) from None
+            warning = Recipe.from_json(exports[0].recipe).cfg_warning(req.guidance_scale)
+            if warning:
+                logger.warning("%s: %s", exports[0].name, warning)
+                warnings.append(f"{exports[0].name}: {warning}")
         else:
             steps = c.default_steps if req.steps is None else req.steps
             guidance = c.default_guidance_scale if req.guidance_scale is None else req.guidance_scale
@@ -297,7 +316,7 @@ def create_app(config: ServeConfig, pipe=None):
         weights = tuple((a, a.default_weight if w is None else float(w)) for a, w in chosen)
         key = BatchKey(weights, sampling, width, height, req.negative_prompt is not None)
         seed = secrets.randbelow(MAX_SEED) if req.seed is None else req.seed
-        return key, seed
+        return key, seed, warnings
 
     def encode(images) -> list[str]:
         out = []
@@ -326,7 +345,7 @@ def create_app(config: ServeConfig, pipe=None):
 
     @app.post("/v1/images/generations", dependencies=[Depends(auth)])
     async def generations(req: GenerationRequest):
-        key, seed = plan(req)
+        key, seed, warnings = plan(req)
         key, student = await route(key, req.prompt)
         job = Job(key, req.prompt, req.negative_prompt, req.n, seed)
         try:
@@ -353,6 +372,7 @@ def create_app(config: ServeConfig, pipe=None):
                 "batch_images": job.batch_images,
                 "student": student,
             },
+            "warnings": warnings,
         }
 
     @app.get("/v1/adapters", dependencies=[Depends(auth)])

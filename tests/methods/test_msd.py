@@ -187,6 +187,13 @@ pipe = DiffusionPipeline.from_pretrained(out + "/pipeline", trust_remote_code=Tr
 ids = pipe.route(prompts)
 lat = pipe(prompts, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(0),
            output_type="latent").images
+# diffusers' defaults are the call the students were trained for; other step counts are refused before sampling
+assert torch.equal(pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="latent").images, lat)
+try:
+    pipe(prompts, num_inference_steps=4, output_type="latent")
+    raise SystemExit("4 steps ran")
+except ValueError as e:
+    assert "trained for [1] step(s)" in str(e) and "fastdiff.json" in str(e), e
 # the folder's own code ran (diffusers' import check may import the top-level fastdiff package, nothing under it)
 assert type(pipe).__module__.startswith("diffusers_modules") and type(pipe.students).__module__.startswith("diffusers_")
 assert not any(m.startswith("fastdiff.") for m in sys.modules), "fastdiff code ran"

@@ -241,20 +241,38 @@ def test_generate_runs_any_k_on_its_grid():
     assert [int(c[1][0]) for c in gen.calls] == [999, 749, 499, 249]
 
 
-def test_one_scheduler_derives_every_k_for_export():
+def test_export_schedulers_derive_every_k_and_refuse_other_counts():
+    """The saved scheduler derives the K-step grid and refuses more steps before sampling; each k's recipe has a
+    scheduler deriving its own grid; one step at t != 999 is LCM counting t + 1 timesteps on the teacher's betas,
+    whose step returns the x0 prediction at t."""
     from diffusers import LCMScheduler
 
     from fastdiff.recipe import derive_scheduler, make_scheduler
 
     config = dict(LCMScheduler(beta_schedule="scaled_linear").config)
     grids = {k: step_timesteps(k, 999) for k in (1, 2, 3, 4)}
-    name, kwargs, ok = derive_scheduler(config, grids[4], "lcm", grids.values())
+    name, kwargs, ok = derive_scheduler(config, grids[4], "lcm")
     sched = make_scheduler(config, name, kwargs)
-    assert ok and sched.config.original_inference_steps == 1000
-    sched.set_timesteps(3)
-    assert sched.timesteps.tolist() == [999, 666, 333]
-    name, kwargs, ok = derive_scheduler(config, [625], "lcm", [[625]])
-    assert ok and name == "DDIMScheduler" and type(make_scheduler(config, name, kwargs)).__name__ == name
+    sched.set_timesteps(4)
+    assert ok and sched.timesteps.tolist() == grids[4]
+    with pytest.raises(ValueError):
+        sched.set_timesteps(5)
+    for k, grid in grids.items():
+        name, kwargs, ok = derive_scheduler(config, grid, "lcm")
+        sched = make_scheduler(config, name, kwargs)
+        sched.set_timesteps(k)
+        assert ok and sched.timesteps.tolist() == grid
+    name, kwargs, ok = derive_scheduler(config, [625], "lcm")
+    one = make_scheduler(config, name, kwargs)
+    one.set_timesteps(1)
+    assert ok and one.timesteps.tolist() == [625]
+    assert torch.equal(one.alphas_cumprod, LCMScheduler(**config).alphas_cumprod)
+    with pytest.raises(ValueError):
+        one.set_timesteps(2)
+    x, eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 4, 8, 8)
+    a = one.alphas_cumprod[625]
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    torch.testing.assert_close(one.step(eps, 625, x).prev_sample, x0, atol=1e-6, rtol=0)
 
 
 # --- guidance variants ------------------------------------------------------------------------------------------

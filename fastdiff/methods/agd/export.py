@@ -54,14 +54,13 @@ def build_pipeline(method, teacher):
 
 
 def model_card(recipe: dict, grid: str) -> str:
+    from ...export import card_front_matter, pipeline_file_prefix, pipeline_ref
+
     cls, steps, w = recipe["pipeline_class"], recipe["num_inference_steps"], recipe["guidance_scale"]
     lo, hi = recipe["w_range"]
     share = 100 * recipe["adapters"]["fraction_of_unet"]
-    return f"""---
-library_name: diffusers
-tags: [fastdiff, agd, guidance-distillation]
----
-# AGD guidance adapters for `{recipe["teacher"]}`
+    where, files = pipeline_ref(recipe), pipeline_file_prefix(recipe)
+    return f"""{card_front_matter(recipe, ["guidance-distillation"])}# AGD guidance adapters for `{recipe["teacher"]}`
 
 Adapter guidance distillation (fastdiff {recipe["fastdiff_version"]}): small cross-attention adapters
 ({recipe["adapters"]["parameters"]:,} parameters, {share:.1f}% of the UNet) after every cross-attention block of the
@@ -69,12 +68,12 @@ frozen teacher UNet reproduce classifier-free guidance in **one UNet forward per
 the teacher's CFG trajectories for w in [{lo}, {hi}]; recommended: {steps} steps, guidance_scale={w}
 ({recipe["scheduler"]}).
 
-## Load with diffusers (runs `pipeline/adapter_guidance.py` from this folder)
+## Load with diffusers (runs `{files}adapter_guidance.py` from this folder)
 
 ```python
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("pipeline", trust_remote_code=True)
+pipe = DiffusionPipeline.from_pretrained({where}, trust_remote_code=True)
 image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={w}).images[0]
 ```
 
@@ -83,7 +82,7 @@ image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={w}
 ```python
 from fastdiff.pipelines import {cls}
 
-pipe = {cls}.from_pretrained("pipeline")
+pipe = {cls}.from_pretrained({where})
 image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={w}).images[0]
 ```
 

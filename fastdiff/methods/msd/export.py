@@ -43,12 +43,16 @@ def build_pipeline(method, teacher):
     students = [s.exported_student() for s in method.students]
     lora = all(s.adapter is not None for s in students)
     base = DiffusionPipeline.from_pretrained(teacher.path, dtype=torch.float32, use_safetensors=True)
+    recipe = method.recipe(dict(teacher.pipeline.scheduler.config))  # the call the students were trained for
     router = module.StudentRouter(
         num_students=len(students),
         embedding_dim=partition.centroids.shape[1],
         table=partition.table,
         kind="lora" if lora else "unet",
         lora_configs=[adapter_metadata(s.unet, s.adapter) for s in students] if lora else None,
+        num_inference_steps=recipe.num_inference_steps,
+        guidance_scale=recipe.guidance_scale,
+        step_counts=recipe.allowed_steps(),
     )
     router.centroids.copy_(partition.centroids)
     if lora:
@@ -68,34 +72,33 @@ def build_pipeline(method, teacher):
     pipe = getattr(module, PIPELINE_CLASSES[teacher.family])(
         **components, unet=unet, students=router, **extra
     )
-    recipe = method.recipe(dict(teacher.pipeline.scheduler.config))
     pipe.scheduler = make_scheduler(base.scheduler.config, recipe.scheduler, recipe.scheduler_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def model_card(recipe: dict, grid: str) -> str:
+    from ...export import card_front_matter, lora_base_note, pipeline_file_prefix, pipeline_ref
+
     info, steps = recipe["students"], recipe["num_inference_steps"]
     cls, k = recipe["pipeline_class"], info["num_students"]
     loras = info["lora"] or []
     lora_lines = "".join(f"- `{p}/`\n" for p in loras) or "- (whole-UNet students: no LoRA files)\n"
-    return f"""---
-library_name: diffusers
-tags: [fastdiff, msd, distillation, one-step]
----
-# MSD: {k} one-step students of `{recipe["teacher"]}`
+    base = f"\n{lora_base_note(recipe, fused=False)}\n" if loras else ""
+    where, files = pipeline_ref(recipe), pipeline_file_prefix(recipe)
+    return f"""{card_front_matter(recipe, ["one-step"])}# MSD: {k} one-step students of `{recipe["teacher"]}`
 
 Multi-student distillation (fastdiff {recipe["fastdiff_version"]}): {k} DMD2 students, each trained on its own
 slice of the prompts (partition: {info["partition"]}, prompts per student {info["sizes"]}); the pipeline embeds
 every prompt, routes it to its student and runs that student alone ({steps} step, one UNet call per image). A
 training prompt goes to its student by the saved table, any other prompt to the nearest centroid.
 
-## Load with diffusers (runs `pipeline/multi_student.py` from this folder)
+## Load with diffusers (runs `{files}multi_student.py` from this folder)
 
 ```python
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("pipeline", trust_remote_code=True)
+pipe = DiffusionPipeline.from_pretrained({where}, trust_remote_code=True)
 images = pipe(["a photo of a cat", "a red car"], num_inference_steps={steps}, guidance_scale=0.0).images
 pipe.route(["a photo of a cat"])  # which student serves a prompt
 ```
@@ -105,7 +108,7 @@ pipe.route(["a photo of a cat"])  # which student serves a prompt
 ```python
 from fastdiff.pipelines import {cls}
 
-pipe = {cls}.from_pretrained("pipeline")
+pipe = {cls}.from_pretrained({where})
 ```
 
 or `fastdiff generate . "a photo of a cat"`, which reads the call from `fastdiff.json`.
@@ -114,7 +117,7 @@ or `fastdiff generate . "a photo of a cat"`, which reads the call from `fastdiff
 
 {lora_lines}
 Each is a LoRA of the teacher UNet for the prompts routed to it (`fastdiff serve` routes a request to it).
-
+{base}
 ## Samples
 
 ![samples]({grid})

@@ -195,26 +195,26 @@ class TADSR(Method):
         )  # fmt: skip
 
     def model_card(self, recipe: dict, grid: str) -> str:
-        level = recipe["noise_level"]
+        from ...export import card_front_matter, lora_base_note, lora_ref, pipeline_ref, teacher_ref
+
+        level, where = recipe["noise_level"], pipeline_ref(recipe)
         lora = ""
         if recipe.get("lora"):
             lora = f"""
 ## As a LoRA on the teacher
 
+{lora_base_note(recipe)}
+
 ```python
 from diffusers import StableDiffusionUpscalePipeline, {recipe["scheduler"]}
 
-pipe = StableDiffusionUpscalePipeline.from_pretrained("{recipe["teacher"]}")
-pipe.load_lora_weights("lora")  # or weight_name="kohya_lora.safetensors"
+pipe = StableDiffusionUpscalePipeline.from_pretrained("{teacher_ref(recipe)}")  # the teacher
+pipe.load_lora_weights({lora_ref(recipe)})  # or weight_name="kohya_lora.safetensors"
 pipe.fuse_lora(lora_scale={recipe["lora_scale"]})
-pipe.scheduler = {recipe["scheduler"]}.from_pretrained("pipeline", subfolder="scheduler")
+pipe.scheduler = {recipe["scheduler"]}.from_pretrained({where}, subfolder="scheduler")
 ```
 """
-        return f"""---
-library_name: diffusers
-tags: [fastdiff, tadsr, super-resolution, distillation]
----
-# TAD-SR one-step x4 upscaler distilled from `{recipe["teacher"]}`
+        return f"""{card_front_matter(recipe, ["super-resolution"])}# TAD-SR one-step x4 upscaler distilled from `{recipe["teacher"]}`
 
 Distilled with fastdiff {recipe["fastdiff_version"]} (TAD-SR: regression to the teacher's multi-step output,
 high-frequency score distillation, time-aware discriminator). One UNet call at t = {recipe["timesteps"][0]}; trained
@@ -224,7 +224,7 @@ at noise level {level}.
 from diffusers import StableDiffusionUpscalePipeline
 from PIL import Image
 
-pipe = StableDiffusionUpscalePipeline.from_pretrained("pipeline")
+pipe = StableDiffusionUpscalePipeline.from_pretrained({where})
 low_res = Image.open("input.png").convert("RGB")
 image = pipe(prompt="", image=low_res, num_inference_steps=1, guidance_scale=0.0, noise_level={level}).images[0]
 ```
