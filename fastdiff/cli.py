@@ -199,6 +199,26 @@ def _prepare(args) -> None:
     print(result if result is not None else "this method has no stage before training")
 
 
+def _cache(args) -> None:
+    """``fastdiff cache``: under ``accelerate launch`` each rank makes its shards (``cache.write_cache``)."""
+    from accelerate import Accelerator
+
+    from .cache import write_cache
+    from .config import load_config
+    from .logs import setup_logging
+    from .run import WEIGHT_DTYPES, run_context
+    from .teacher import Teacher
+
+    cfg = load_config(args.config, args.overrides)
+    accelerator = Accelerator()  # the ranks and this rank's device, as training reads them
+    setup_logging(accelerator.is_main_process)
+    teacher = Teacher(cfg.teacher, device=accelerator.device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
+    report = write_cache(args.out, run_context(cfg, teacher, accelerator), args.shard_size)
+    if accelerator.is_main_process:
+        made, kept = len(report["generated"]), len(report["skipped"])
+        print(f"cache in {args.out}: complete ({made} shards made here, {kept} kept)")
+
+
 def _tiny(args) -> None:
     from .models.tiny import save_tiny
 
@@ -379,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="recipe YAML (e.g. assets/configs/sdxl_agd.yaml)")
         p.add_argument("overrides", nargs="*", help="key=value overrides (agd.trajectories=<folder>, ...)")
         p.set_defaults(fn=_prepare, defaults=defaults)
+
+    p = sub.add_parser(
+        "cache", help="encode the training prompts (and dataset images) once, for training with cache=DIR"
+    )
+    p.add_argument("--config", help="the recipe YAML of the runs that will read the cache")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (teacher=, prompts=, dataset=, ...)")
+    p.add_argument("--out", required=True, help="the cache folder (resumable: run again to finish it)")
+    p.add_argument("--shard-size", type=int, default=256, help="items per shard (default: 256)")
+    p.set_defaults(fn=_cache)
 
     p = sub.add_parser("tiny", help="write a tiny random-init pipeline (offline tests, examples)")
     p.add_argument("--family", choices=["sd15", "sdxl", "sd-x4"], default="sdxl")

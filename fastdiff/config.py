@@ -80,6 +80,8 @@ class TrainConfig:
     mixed_precision: str | None = None  # no | fp16 | bf16 | null (accelerate's: ACCELERATE_MIXED_PRECISION)
     gradient_checkpointing: bool = False
     attention: str = "sdpa"  # sdpa (torch's) | xformers (CUDA only; pip install 'fastdiff[xformers]')
+    parallel: str = "ddp"  # ddp (gradients all-reduced) | fsdp (full-copy UNets sharded per block, FSDP2)
+    fsdp_shard_frozen: bool = True  # fsdp: shard the frozen teacher UNet too (false: a full copy per rank)
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
@@ -96,6 +98,7 @@ class TrainConfig:
     caption_column: str | None = None  # dataset's caption column; null: text/caption/prompt, first found
     dataloader_num_workers: int = 0  # processes decoding dataset images ahead (0: the training process)
     cache_latents: bool = False  # keep each real image's VAE posterior (mean, std) in memory after first use
+    cache: str | None = None  # `fastdiff cache` folder: batches read from it; text encoders moved to the CPU
     cpu_threads: int | None = (
         None  # CPU torch threads per process; 0 = cores / processes; None = the launcher's
     )
@@ -213,6 +216,8 @@ def build_config(layers: list[tuple[str, dict]]) -> TrainConfig:
             sections.append(section)
     cfg = _to_object(_merge(TrainConfig, shared))
     cfg.section = _to_object(_merge(section_cls, sections))
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallel={cfg.parallel!r}: use ddp or fsdp")
     return cfg
 
 

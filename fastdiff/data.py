@@ -11,6 +11,8 @@ import csv
 import io
 import itertools
 import json
+import logging
+import time
 import warnings
 from collections.abc import Callable
 from functools import lru_cache
@@ -20,6 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .data_tar import find_shards, index_shard, is_shard_spec, read_span
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_KEYS = ("text", "caption", "prompt")
@@ -136,7 +142,75 @@ def _image_source(value: Any, root: Path) -> Any:
     return value if isinstance(value, (bytes, bytearray)) else root / str(value)
 
 
-class ImageCaptionDataset(torch.utils.data.Dataset):
+class _DecodedItems(torch.utils.data.Dataset):
+    """What the image-caption datasets share: an item is decoded when read and preprocessed like the diffusers
+    training scripts (``_load``), and an unreadable item is skipped: item ``i`` then returns the next readable item
+    (``i+1``, ``i+2``, ... wrapping around), and each bad item is warned about once and recorded in ``skipped``.
+
+    A subclass sets ``source`` and ``root`` (named in messages) and defines ``__len__``, ``_decode(j) -> (pixels,
+    caption)``, which raises on an unreadable item, and ``_describe(j) -> (name, where)`` for its warning (``where``:
+    a row, or None)."""
+
+    def __init__(self, resolution: int, center_crop: bool, random_flip: bool):
+        if resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.skipped: list[str] = []
+        self._bad: set[int] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of distinct unreadable items met so far."""
+        return len(self.skipped)
+
+    def _load(self, source: Any) -> torch.Tensor:
+        """Decode an image (path, bytes or file object) and preprocess it to a ``[3, res, res]`` tensor."""
+        if isinstance(source, (bytes, bytearray)):
+            source = io.BytesIO(source)
+        with Image.open(source) as f:
+            img = ImageOps.exif_transpose(f).convert("RGB")  # forces a full decode
+        res = self.resolution
+        w, h = img.size
+        scale = res / min(w, h)
+        w, h = max(res, round(w * scale)), max(res, round(h * scale))
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
+        if self.center_crop:
+            left, top = round((w - res) / 2), round((h - res) / 2)
+        else:
+            left = int(torch.randint(0, w - res + 1, ()))
+            top = int(torch.randint(0, h - res + 1, ()))
+        img = img.crop((left, top, left + res, top + res))
+        if self.random_flip and torch.rand(()) < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+        return x.float().div(127.5).sub(1.0)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for dataset of size {n}")
+        for k in range(n):
+            j = (i + k) % n
+            if j in self._bad:
+                continue
+            try:
+                pixels, caption = self._decode(j)
+            except Exception as e:  # any decoder failure means "unreadable"
+                self._bad.add(j)
+                name, where = self._describe(j)
+                self.skipped.append(name)
+                where = f" ({where})" if where is not None else ""
+                warnings.warn(f"Skipping unreadable image {name}{where} in {self.root}: {e}", stacklevel=2)
+                continue
+            if isinstance(caption, (list, tuple)):  # several captions per image: pick one
+                caption = caption[int(torch.randint(len(caption), ()))] if caption else ""
+            return {"pixel_values": pixels, "prompt": "" if caption is None else str(caption)}
+        raise ValueError(f"No readable image in {self.source} ({self.num_skipped} unreadable files skipped)")
+
+
+class ImageCaptionDataset(_DecodedItems):
     """Image-caption pairs from a local folder or table file, preprocessed like the diffusers training scripts.
 
     ``path`` may be a ``.csv``, ``.json``, ``.jsonl`` or ``.parquet`` file with an image column (paths relative
@@ -190,14 +264,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 if not self.source.exists()
                 else f"Dataset {self.source} is neither a folder nor a {'/'.join(TABLE_SUFFIXES)} file"
             )
-        if resolution <= 0:
-            raise ValueError(f"resolution must be positive, got {resolution}")
+        super().__init__(resolution, center_crop, random_flip)
         self.root = self.source.parent if is_table else self.source  # image paths are relative to it
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.skipped: list[str] = []
-        self._bad: set[int] = set()
         self._hf = None
         self._where: list[str] | None = None  # each item's row, for messages
         if is_table:
@@ -290,11 +358,6 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     # -- access ------------------------------------------------------------------------------------
 
-    @property
-    def num_skipped(self) -> int:
-        """Number of distinct unreadable images met so far."""
-        return len(self.skipped)
-
     def __len__(self) -> int:
         return len(self._hf) if self._hf is not None else len(self._items)
 
@@ -325,49 +388,182 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
         return name or f"row {i}", image, row.get(self.caption_column)
 
-    def _load(self, source: Any) -> torch.Tensor:
-        """Decode an image (path, bytes or file object) and preprocess it to a ``[3, res, res]`` tensor."""
-        if isinstance(source, (bytes, bytearray)):
-            source = io.BytesIO(source)
-        with Image.open(source) as f:
-            img = ImageOps.exif_transpose(f).convert("RGB")  # forces a full decode
-        res = self.resolution
-        w, h = img.size
-        scale = res / min(w, h)
-        w, h = max(res, round(w * scale)), max(res, round(h * scale))
-        img = img.resize((w, h), Image.Resampling.BICUBIC)
-        if self.center_crop:
-            left, top = round((w - res) / 2), round((h - res) / 2)
-        else:
-            left = int(torch.randint(0, w - res + 1, ()))
-            top = int(torch.randint(0, h - res + 1, ()))
-        img = img.crop((left, top, left + res, top + res))
-        if self.random_flip and torch.rand(()) < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-        return x.float().div(127.5).sub(1.0)
+    def _decode(self, j: int) -> tuple[torch.Tensor, Any]:
+        _, source, caption = self._raw(j)
+        return self._load(source), caption
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for dataset of size {n}")
-        for k in range(n):
-            j = (i + k) % n
-            if j in self._bad:
-                continue
-            name, source, caption = self._raw(j)
+    def _describe(self, j: int) -> tuple[str, str | None]:
+        return self._raw(j)[0], self._where[j] if self._where is not None else None
+
+
+# -- webdataset tar shards ------------------------------------------------------------------------
+
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # a sample's image member, by default: the first present
+
+
+class TarShardDataset(_DecodedItems):
+    """Image-caption samples of WebDataset-style tar shards, read at random: ``dataset[i]`` seeks to sample ``i``'s
+    members in its shard and reads just their bytes, so nothing is unpacked or held in memory but an index.
+
+    ``spec`` is a ``.tar`` file, a folder of them (sorted by name) or a brace pattern such as
+    ``/data/train-{000000..000099}.tar`` (``{a,b}`` lists work too). A sample is the members sharing a key
+    (``000123.jpg`` + ``000123.txt``; see ``data_tar``). At open every shard is indexed from its tar headers alone
+    (about 15 µs a member, each time a run opens the data set; nothing is cached), and the index, per sample its
+    shard, key and the byte spans of its image, text and JSON members, is kept in numpy arrays, which DataLoader
+    worker processes share without copying.
+
+    Item ``i`` is always the same sample (shards in ``spec`` order, samples in shard order), so the shard and byte
+    offset of every sample of every step are a function of the step (``sample_indices``): the step a checkpoint
+    holds is all a resumed run needs to continue exactly, with no reader state. This is why the ``webdataset``
+    package is not used: its streaming iterator cannot read sample ``i`` at random, and ``tarfile`` indexes a
+    shard well enough.
+
+    Members (``image_column`` / ``caption_column`` name member extensions):
+
+    - image: the first member present among ``image_column``'s ``;``-separated extensions (default
+      ``jpg;jpeg;png;webp``), decoded, resized and cropped like ``ImageCaptionDataset``'s images;
+    - caption: ``caption_column=EXT`` reads the text member ``.EXT``; ``caption_column=EXT:FIELD`` reads ``FIELD``
+      of the JSON member ``.EXT`` (a list of captions: one is picked per read); ``caption_column=json`` reads the
+      first of ``text``, ``caption``, ``prompt`` in the ``.json`` member. Default: the ``.txt`` member, else as
+      ``json``.
+
+    A sample that cannot be read (an undecodable image, no image or caption member, no caption field, a member cut
+    short by a truncated shard) is skipped like an unreadable image of ``ImageCaptionDataset``: the next sample is
+    used, a warning names it, and ``skipped`` records ``shard/key``. A shard whose last member is cut short is
+    also warned about at open. A tar header that cannot be read is an error at open naming the shard and byte:
+    the members after it cannot be found, and training on the shard's first part would silently shrink the data
+    set, and change every step's batch once the shard is repaired.
+
+    Args:
+        spec: The shards: a ``.tar`` file, a folder of them or a brace pattern.
+        resolution, center_crop, random_flip: As for ``ImageCaptionDataset``.
+        image_column: Image member extensions, ``;``-separated, in order of preference.
+        caption_column: ``EXT`` (a text member) or ``EXT:FIELD`` (a field of a JSON member).
+
+    Raises:
+        FileNotFoundError: If a shard does not exist.
+        ValueError: On a compressed or unreadable shard, a corrupt tar header, or shards in which no sample has an
+            image member or a caption member (the message lists the extensions there are).
+    """
+
+    def __init__(
+        self,
+        spec: str | Path,
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        image_column: str | None = None,
+        caption_column: str | None = None,
+    ):
+        super().__init__(resolution, center_crop, random_flip)
+        self.source = self.root = str(spec)
+        self.shards = find_shards(self.source)
+        self.image_column, self.caption_column = image_column, caption_column
+        image_exts = tuple(e.strip().lower() for e in (image_column or ";".join(IMAGE_MEMBERS)).split(";"))
+        if caption_column is None:
+            text_ext, self._json_ext, self._fields = "txt", "json", CAPTION_KEYS
+            self._wanted = ".txt, or text/caption/prompt of .json"
+        elif ":" in caption_column or caption_column.lower() == "json":
+            ext, _, field = caption_column.partition(":")
+            fields = (field,) if field else CAPTION_KEYS
+            text_ext, self._json_ext, self._fields = None, ext.lower(), fields
+            self._wanted = f"{'/'.join(fields)} of .{ext}"
+        else:
+            text_ext, self._json_ext, self._fields = caption_column.lower(), "json", ()
+            self._wanted = f".{caption_column}"
+        groups = (image_exts, (text_ext,) if text_ext else (), (self._json_ext,))
+
+        t0 = time.perf_counter()
+        keys, spans, extensions, starts = [], [], set(), [0]
+        for shard in self.shards:
+            shard_keys, shard_spans, shard_extensions, truncated = index_shard(shard, groups)
+            if truncated:
+                warnings.warn(f"{shard} is truncated: its last sample will be skipped", stacklevel=2)
+            keys += shard_keys
+            spans.append(shard_spans)
+            extensions |= shard_extensions
+            starts.append(starts[-1] + len(shard_keys))
+        self._keys = np.array([k.encode() for k in keys], dtype=bytes)
+        self._spans = np.concatenate(spans)  # [sample, (image, text, json), (offset, size)]
+        self._starts = np.array(starts)  # shard s holds samples starts[s] .. starts[s + 1] - 1
+        logger.info(
+            "indexed %d samples in %d tar shards in %.1f s",
+            len(keys),
+            len(self.shards),
+            time.perf_counter() - t0,
+        )
+
+        has_caption = (self._spans[:, 1, 0] >= 0) | ((self._spans[:, 2, 0] >= 0) & bool(self._fields))
+        for kind, found, wanted in (
+            ("image", self._spans[:, 0, 0] >= 0, "/".join(image_exts)),
+            ("caption", has_caption, self._wanted),
+        ):
+            if not found.any():
+                raise ValueError(
+                    f"{self.source}: no sample has its {kind} member ({wanted}); extensions there are "
+                    f"{sorted(extensions)}; set {kind}_column=<extension>"
+                )
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _shard_of(self, j: int) -> int:
+        return int(np.searchsorted(self._starts, j, side="right")) - 1
+
+    def _decode(self, j: int) -> tuple[torch.Tensor, Any]:
+        image, _, _ = self._spans[j]
+        if image[0] < 0:
+            raise ValueError(f"no image member ({self.image_column or ';'.join(IMAGE_MEMBERS)})")
+        with self.shards[self._shard_of(j)].open("rb") as f:
+            caption = self._caption(f, j)
+            return self._load(read_span(f, int(image[0]), int(image[1]))), caption
+
+    def _describe(self, j: int) -> tuple[str, None]:
+        return f"{self.shards[self._shard_of(j)].name}/{self._keys[j].decode()}", None
+
+    def _caption(self, f, j: int) -> Any:
+        """Sample ``j``'s caption, read from its open shard ``f``; raises if it has none."""
+        _, text, meta = self._spans[j]
+        if text[0] >= 0:
+            return read_span(f, int(text[0]), int(text[1])).decode("utf-8").strip()
+        if self._fields and meta[0] >= 0:
+            obj = json.loads(read_span(f, int(meta[0]), int(meta[1])))
+            field = next((k for k in self._fields if isinstance(obj, dict) and k in obj), None)
+            if field is None:
+                raise ValueError(f"no caption field {'/'.join(self._fields)} in its .{self._json_ext} member")
+            return obj[field]
+        raise ValueError(f"no caption member ({self._wanted})")
+
+    def _each_sample(self):
+        """``(j, open shard file)`` for every sample in order, each shard opened once."""
+        for s, shard in enumerate(self.shards):
+            with shard.open("rb") as f:
+                for j in range(self._starts[s], self._starts[s + 1]):
+                    yield int(j), f
+
+    def captions(self) -> list[str]:
+        """Every sample's caption, in order, without decoding an image (``""`` where it has none); this reads one
+        member per sample."""
+        captions = []
+        for j, f in self._each_sample():
             try:
-                pixels = self._load(source)
-            except Exception as e:  # any decoder failure means "unreadable"
-                self._bad.add(j)
-                self.skipped.append(name)
-                where = f" ({self._where[j]})" if self._where is not None else ""
-                warnings.warn(f"Skipping unreadable image {name}{where} in {self.root}: {e}", stacklevel=2)
-                continue
-            if isinstance(caption, (list, tuple)):  # several captions per image: pick one
-                caption = caption[int(torch.randint(len(caption), ()))] if caption else ""
-            return {"pixel_values": pixels, "prompt": "" if caption is None else str(caption)}
-        raise ValueError(f"No readable image in {self.source} ({self.num_skipped} unreadable files skipped)")
+                captions.append(str(self._caption(f, j) or ""))
+            except Exception:
+                captions.append("")
+        return captions
+
+    def column(self, name: str) -> list:
+        """Every sample's field ``name`` of its JSON member (``.json``, or ``caption_column``'s ``EXT``)."""
+        values = []
+        for j, f in self._each_sample():
+            _, _, meta = self._spans[j]
+            obj = json.loads(read_span(f, int(meta[0]), int(meta[1]))) if meta[0] >= 0 else {}
+            if not isinstance(obj, dict) or name not in obj:
+                sample, _ = self._describe(j)
+                raise ValueError(f"{sample}: no field {name!r} in a .{self._json_ext} member")
+            values.append(obj[name])
+        return values
 
 
 # -- resumable batch order -------------------------------------------------------------------------
@@ -454,13 +650,15 @@ def open_dataset(
     spec: str, resolution: int, image_column: str | None = None, caption_column: str | None = None
 ):
     """A dataset from a config value: a folder or table file (see ImageCaptionDataset, which ``image_column`` /
-    ``caption_column`` configure) or a builtin name (``builtin:digits``)."""
+    ``caption_column`` configure), tar shards (see TarShardDataset) or a builtin name (``builtin:digits``)."""
     if spec.startswith("builtin:"):
         if spec not in BUILTIN:
             raise ValueError(f"unknown builtin dataset {spec!r}; available: {', '.join(BUILTIN)}")
         if image_column is not None or caption_column is not None:
             raise ValueError(f"dataset={spec} has no columns to choose: unset image_column / caption_column")
         return DigitsDataset(resolution)
+    if is_shard_spec(spec):
+        return TarShardDataset(spec, resolution, image_column=image_column, caption_column=caption_column)
     return ImageCaptionDataset(spec, resolution, image_column=image_column, caption_column=caption_column)
 
 

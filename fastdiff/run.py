@@ -24,54 +24,70 @@ def make_batch_fn(
     cfg: TrainConfig, teacher, resolution: int, prompts, dataset, rank: int, world_size: int, indices=None
 ):
     """``batch_fn(step, micro, generator)``: the batch of one micro-step, a pure function of its arguments.
-    ``indices(step, micro)`` chooses its items (a method's ``batch_indices``); default: shuffled epochs. Dataset
-    images are decoded by a ``data.StepItemLoader`` (in ``cfg.dataloader_num_workers`` worker processes, ahead of
-    the step), each with a torch seed of its (seed, rank, micro-step, position): the same batch with any number of
-    workers, and on resume."""
+    ``indices(step, micro)`` chooses its items (a method's ``batch_indices``); default: shuffled epochs, where
+    micro-step ``micro`` of rank ``rank`` is the global batch's slice ``rank * accum + micro`` of ``world_size *
+    accum`` (so two ranks and one rank with two accumulation steps train on the same batches). Dataset images are
+    decoded by a ``data.StepItemLoader`` (in ``cfg.dataloader_num_workers`` worker processes, ahead of the step),
+    each with a torch seed of its (seed, step, slice, position): the same batch with any number of workers, and on
+    resume. Each new prompt and each image is encoded alone (``cache.encode_each``, a per-image posterior), so that
+    its encoding is the same bits in any batch; with ``cfg.cache`` the batches read those encodings from the cache
+    folder instead (``cache.CachedData``: no image is decoded, the same bits) and the text encoders move to the CPU
+    (``cache.offload_text_encoders``)."""
+    from .cache import CachedData, encode_each, offload_text_encoders
     from .data import StepItemLoader, item_seed, sample_indices
 
     n_items = len(dataset) if dataset is not None else len(prompts)
     accum = cfg.gradient_accumulation_steps
     posteriors: dict[int, tuple] = {}  # cache_latents: dataset index -> VAE posterior (mean, std)
+    cached = CachedData(cfg.cache, teacher, resolution, cfg, prompts, dataset) if cfg.cache else None
+    if cached is not None:  # the null prompt and validation prompts are encoded on the device before the move
+        offload_text_encoders(teacher, ["", *cfg.validation_prompts], [resolution, teacher.resolution])
 
     def choose(key: int) -> list[int]:  # key: the micro-step, step * accum + micro
+        step, micro = divmod(key, accum)
         if indices is not None:
-            return list(indices(*divmod(key, accum)))
-        return sample_indices(n_items, cfg.train_batch_size, key, cfg.seed, rank, world_size)
+            return list(indices(step, micro))
+        part, parts = rank * accum + micro, world_size * accum
+        return sample_indices(n_items, cfg.train_batch_size, step, cfg.seed, part, parts)
 
     def plan(key: int) -> tuple[list[int], list[int]]:
-        idx = choose(key)
-        return idx, [item_seed(cfg.seed, key, pos, rank) for pos in range(len(idx))]
+        idx, (step, micro) = choose(key), divmod(key, accum)
+        return idx, [item_seed(cfg.seed, step, pos, rank * accum + micro) for pos in range(len(idx))]
 
-    loader = StepItemLoader(dataset, plan, cfg.dataloader_num_workers) if dataset is not None else None
+    with_loader = dataset is not None and cached is None
+    loader = StepItemLoader(dataset, plan, cfg.dataloader_num_workers) if with_loader else None
 
-    def real_latents(idx, items, generator):
-        if not cfg.cache_latents:
-            return teacher.encode_images(
-                torch.stack([it["pixel_values"] for it in items]), generator=generator
-            )
-        new = [(i, it) for i, it in zip(idx, items) if i not in posteriors]
-        if new:
-            mean, std = teacher.latent_posterior(torch.stack([it["pixel_values"] for _, it in new]))
-            posteriors.update({i: (m, s) for (i, _), m, s in zip(new, mean, std)})
-        mean, std = (torch.stack([posteriors[i][k] for i in idx]) for k in (0, 1))
-        return teacher.sample_latents(mean, std, generator=generator)
+    def posterior(i: int, item: dict) -> tuple[torch.Tensor, torch.Tensor]:  # of one image, encoded alone
+        if i in posteriors:
+            return posteriors[i]
+        mean_std = teacher.latent_posterior(item["pixel_values"][None])
+        if cfg.cache_latents:
+            posteriors[i] = mean_std
+        return mean_std
 
     def batch_fn(step: int, micro: int, generator: torch.Generator) -> dict:
         real = None
-        if loader is not None:
+        if cached is not None:
+            idx = choose(step * accum + micro)
+            texts = [cached.texts[i] for i in idx]
+            if cached.with_latents:
+                real = teacher.sample_latents(*cached.posterior(idx), generator=generator)
+        elif loader is not None:
             idx, items = loader(step * accum + micro)
             texts = [it["prompt"] for it in items]
-            real = real_latents(idx, items, generator)
+            mean, std = (torch.cat(t) for t in zip(*(posterior(i, it) for i, it in zip(idx, items))))
+            real = teacher.sample_latents(mean, std, generator=generator)
         else:
             idx = choose(step * accum + micro)
             texts = [prompts[i] for i in idx]
-        return {"cond": teacher.encode(texts, resolution), "real": real, "prompts": texts, "indices": idx}
+        cond = cached.cond(idx) if cached is not None else encode_each(teacher, texts, resolution)
+        return {"cond": cond, "real": real, "prompts": texts, "indices": idx}
 
     return batch_fn
 
 
 def make_validate_fn(cfg: TrainConfig, method, teacher, resolution, latent_shape, accelerator):
+    from .cache import encode_each
     from .export import image_grid
     from .models.denoiser import cat_conds
 
@@ -85,14 +101,15 @@ def make_validate_fn(cfg: TrainConfig, method, teacher, resolution, latent_shape
             call = method.recipe(dict(teacher.pipeline.scheduler.config)).for_steps().call_kwargs()
             inputs = teacher.example_inputs(prompts, resolution)
             cond = cat_conds([teacher.call_cond(x, call, gen) for x in inputs])
-        else:
-            cond = teacher.encode(prompts, resolution)
+        else:  # each prompt alone, as training encodes it (with cache=: encoded before the text encoders moved)
+            cond = encode_each(teacher, prompts, resolution)
         noise = torch.randn((len(prompts), *latent_shape), generator=gen).to(accelerator.device)
         x0 = method.generate(noise, cond, generator=gen)
         images = teacher.decode(x0)
-        samples.mkdir(parents=True, exist_ok=True)
-        image_grid(images, rows=len(cfg.validation_prompts)).save(samples / f"step-{step:06d}.png")
-        log_validation_images(accelerator, images, step)
+        if accelerator.is_main_process:  # every rank samples when the networks are sharded; one writes
+            samples.mkdir(parents=True, exist_ok=True)
+            image_grid(images, rows=len(cfg.validation_prompts)).save(samples / f"step-{step:06d}.png")
+            log_validation_images(accelerator, images, step)
 
     return validate
 
@@ -236,8 +253,15 @@ def _train(cfg: TrainConfig) -> Path:
             "%d unreadable images were skipped: %s", ctx.dataset.num_skipped, ctx.dataset.skipped[:10]
         )
     if cfg.export and accelerator.is_main_process:
-        trainer.use_ema_weights()
         config = saved_config(cfg, teacher)  # the teacher as given and resolved
+        if trainer.fsdp and accelerator.num_processes > 1:
+            # the networks are sharded across ranks: export the full (EMA) weights of the final checkpoint, which
+            # every rank gathered, into a fresh copy of the method
+            from .trainer import find_checkpoint
+
+            method, teacher, _ = load_checkpoint_method(find_checkpoint(out, "latest"))
+        else:
+            trainer.use_ema_weights()
         export(method, teacher, config, out, cfg.lora_scale, cfg.validation_prompts, train_seconds)
         logger.info("exported to %s", out)
     accelerator.wait_for_everyone()

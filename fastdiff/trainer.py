@@ -2,8 +2,9 @@
 
 Per iteration, each group due at the step (``Group.updates_at``) computes its loss (over gradient-accumulation
 micro-batches), has its gradients averaged across ranks, clipped, and applied by its own optimizer. All randomness
-of a step comes from a generator seeded by (seed, step, rank, group, micro-batch), so a resumed run replays the
-uninterrupted one exactly. Gradients are averaged with one flattened all-reduce per group instead of DDP: methods
+of a step comes from a generator seeded by (seed, step, slice, group), where slice = rank * accumulation + micro-batch
+numbers the global batch's parts, so a resumed run replays the uninterrupted one exactly, and R ranks train as one
+rank with R times the accumulation. Gradients are averaged with one flattened all-reduce per group instead of DDP: methods
 call the same network several times per loss (in shared-base mode the teacher, fake score and generator are one
 UNet), which DDP's forward hooks cannot follow.
 """
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,9 +30,11 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .methods.base import Group, Method
+from .parallel import copy_full_into, local_bytes
 
 logger = logging.getLogger("fastdiff")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+OPTIMIZER_DIR = "optimizer"  # parallel=fsdp: the optimizers' sharded states (torch.distributed.checkpoint)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -147,6 +151,13 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
         self.groups: list[Group] = method.groups()
+        self.fsdp = (
+            getattr(cfg, "parallel", "ddp") == "fsdp"
+        )  # sharded UNets (several ranks), sharded checkpoints
+        if self.fsdp and acc.mixed_precision == "fp16":
+            raise ValueError(
+                "parallel=fsdp trains in fp32 or bf16 (fp16 would need a sharded gradient scaler)"
+            )
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row: dict[str, int] = {}  # per group: consecutive skipped updates
@@ -187,6 +198,11 @@ class Trainer:
                 p.data = p.data.float()
         if self.cfg.gradient_checkpointing:
             method.enable_gradient_checkpointing()
+        if self.fsdp and acc.num_processes > 1:
+            from .parallel import shard
+
+            dtype = None if weight_dtype == torch.float32 else weight_dtype
+            self.groups = shard(method, self.groups, acc.device, dtype, self.cfg.fsdp_shard_frozen)
         self._set_trainable(None)
 
     def _make_ema(self, g: Group):
@@ -229,7 +245,7 @@ class Trainer:
                 if self.validate_fn is not None and (
                     self.step % cfg.validation_steps == 0 or self.step == cfg.max_steps
                 ):
-                    if acc.is_main_process:
+                    if acc.is_main_process or (self.fsdp and acc.num_processes > 1):  # shards: every rank
                         self.validate_fn(self.step)
                     acc.wait_for_everyone()
         bar.close()
@@ -250,7 +266,8 @@ class Trainer:
         terms_sum: dict[str, float] = {}
         finite = True
         for micro in range(accum):
-            gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, acc.process_index, gi, micro))
+            part = acc.process_index * accum + micro  # the global batch's slice (see run.make_batch_fn)
+            gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, part, gi, 0))
             batch = self.batch_fn(self.step, micro, gen)
             with acc.autocast():
                 terms = self.method.loss(group.name, batch, self.step, gen)
@@ -269,7 +286,13 @@ class Trainer:
         params = list(group.params.values())
         if finite:
             self._all_reduce_grads(params)
-            if group.max_grad_norm:
+            if group.max_grad_norm and self.fsdp:
+                from .parallel import clip_grad_norm
+
+                norm = clip_grad_norm(params, group.max_grad_norm, lambda t: acc.reduce(t, reduction="sum"))
+                finite = bool(torch.isfinite(norm))
+                bad = {"grad_norm": float(norm)}
+            elif group.max_grad_norm:
                 norm = acc.clip_grad_norm_(params, group.max_grad_norm)
                 finite = bool(torch.isfinite(torch.as_tensor(norm)))
                 bad = {"grad_norm": float(norm)}
@@ -325,18 +348,25 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # optimizers, lr schedulers, RNG states (accelerate)
+        if self.fsdp:  # optimizer states sharded (torch.distributed.checkpoint), schedulers in trainer_state
+            optimizer_groups = self._save_optimizers(tmp / OPTIMIZER_DIR)
+        else:
+            acc.save_state(str(tmp))  # optimizers, lr schedulers, RNG states (accelerate)
         sync = self._rank_report()
+        has_ema = any(e is not None for e in self.emas)
+        if acc.is_main_process or self.fsdp:  # sharded weights are all-gathered: every rank takes part
+            weights = self._state_tensors(ema=False)
+            ema = self._state_tensors(ema=True) if has_ema else None
         if acc.is_main_process:
-            save_file(self._state_tensors(ema=False), str(tmp / "trainable.safetensors"))
+            save_file(weights, str(tmp / "trainable.safetensors"))
             extra = self.method.extra_state()
             if extra:
                 save_file(
                     {k: v.detach().cpu().contiguous() for k, v in extra.items()},
                     str(tmp / "method_state.safetensors"),
                 )
-            if any(e is not None for e in self.emas):
-                save_file(self._state_tensors(ema=True), str(tmp / "ema.safetensors"))
+            if has_ema:
+                save_file(ema, str(tmp / "ema.safetensors"))
             state = {
                 "step": self.step,
                 "method": self.method.name,
@@ -345,6 +375,12 @@ class Trainer:
                 "nonfinite_in_row": self.nonfinite_in_row,
                 "last_terms": self.last_terms,
                 "num_processes": acc.num_processes,
+                "parallel": "fsdp" if self.fsdp else "ddp",
+                **(
+                    {"lr_updates": self._lr_updates(), "optimizer_groups": optimizer_groups}
+                    if self.fsdp
+                    else {}
+                ),
                 **sync,
                 "config": self.config_dict,
             }
@@ -357,19 +393,83 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def _save_optimizers(self, folder: Path) -> list[str]:
+        """Every group's optimizer state (of groups that have updated; their names returned) with
+        torch.distributed.checkpoint: each rank writes its shards; a load may reshard them to another number of
+        ranks."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        with self._all_trainable():
+            state = {
+                g.name: get_optimizer_state_dict(self.method, opt.optimizer)
+                for g, opt in zip(self.groups, self.optimizers)
+                if opt.optimizer.state  # a group that has not updated yet has no state to keep
+            }
+        dcp.save({"optimizers": state}, checkpoint_id=str(folder))
+        return sorted(state)
+
+    def _load_optimizers(self, folder: Path, names: list[str]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        live = {g.name: opt.optimizer for g, opt in zip(self.groups, self.optimizers)}
+        with self._all_trainable():
+            state = {
+                name: get_optimizer_state_dict(self.method, live[name]) for name in names
+            }  # the template
+            dcp.load({"optimizers": state}, checkpoint_id=str(folder))
+            for name in names:
+                set_optimizer_state_dict(self.method, live[name], state[name])
+
+    @contextmanager
+    def _all_trainable(self):
+        """Every group's parameters require grad for the length of a block: torch's optimizer state dicts leave
+        out parameters that do not (frozen ones), which between updates all are (``_set_trainable``)."""
+        for g in self.groups:
+            for p in g.params.values():
+                p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self._set_trainable(None)
+
+    def _lr_updates(self) -> list[int]:
+        """Each group's learning-rate scheduler position in updates (accelerate steps a prepared scheduler once per
+        process per update, so this is independent of the number of ranks)."""
+        return [sched.scheduler.last_epoch // self.accelerator.num_processes for sched in self.schedulers]
+
+    def _set_lr_updates(self, sched, updates: int) -> None:
+        """Put a prepared LambdaLR at ``updates`` updates of this run's number of processes."""
+        inner = sched.scheduler
+        n = updates * self.accelerator.num_processes
+        inner.last_epoch, inner._step_count = n, n + 1
+        lrs = [base * factor(n) for base, factor in zip(inner.base_lrs, inner.lr_lambdas)]
+        for group, lr in zip(inner.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        inner._last_lr = lrs
+
     def _rank_report(self) -> dict:
-        """Per-rank parameter checksums (must agree: gradients are synchronised) and last losses (data differ)."""
+        """Per-rank parameter checksums (must agree: gradients are synchronised), last losses (data differ) and the
+        bytes of trainable parameters each rank holds."""
         acc = self.accelerator
+        from .parallel import full
+
         with torch.no_grad():
-            params = [p for g in self.groups for p in g.params.values()]
+            params = [full(p) for g in self.groups for p in g.params.values()]
             checksum = sum(float(p.double().sum()) + float(p.double().square().sum()) for p in params)
         loss = sum(v for k, v in self.last_terms.items() if not k.endswith("/lr"))
-        row = torch.tensor([[checksum, loss]], dtype=torch.float64, device=acc.device)
+        held = local_bytes({id(p): p for g in self.groups for p in g.params.values()}.values())
+        row = torch.tensor([[checksum, loss, held]], dtype=torch.float64, device=acc.device)
         table = acc.gather(row).cpu().tolist() if acc.num_processes > 1 else row.cpu().tolist()
         sums = [r[0] for r in table]
         if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
             raise RuntimeError(f"ranks hold different weights at step {self.step}: checksums {sums}")
-        return {"param_checksum_by_rank": sums, "loss_by_rank": [r[1] for r in table]}
+        return {
+            "param_checksum_by_rank": sums,
+            "loss_by_rank": [r[1] for r in table],
+            "trainable_bytes_by_rank": [int(r[2]) for r in table],  # this rank's shards (fsdp) or all
+        }
 
     def _prune(self, root: Path) -> None:
         limit = self.cfg.checkpoints_total_limit
@@ -380,13 +480,17 @@ class Trainer:
             shutil.rmtree(p)
 
     def _state_tensors(self, ema: bool) -> dict[str, torch.Tensor]:
+        """Every group's parameters (or EMA weights) in full, float32 on the CPU (sharded ones all-gathered: every
+        rank calls this)."""
+        from .parallel import full
+
         out = {}
         for g, e in zip(self.groups, self.emas):
             if ema and e is None:
                 continue
             values = e.shadow_params if ema else list(g.params.values())
             for name, v in zip(g.params, values):
-                out[f"{g.name}/{name}"] = v.detach().float().cpu().contiguous()
+                out[f"{g.name}/{name}"] = full(v.detach()).float().cpu().contiguous()
         return out
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -397,7 +501,18 @@ class Trainer:
             raise ValueError(
                 f"{path} is a checkpoint of {state['method']} {state['groups']}, not of {self.method.name}"
             )
-        self.accelerator.load_state(str(path))
+        saved = state.get("parallel", "ddp")
+        if saved != ("fsdp" if self.fsdp else "ddp"):
+            raise ValueError(
+                f"{path} was written with parallel={saved}; resume it with parallel={saved} (its optimizer states "
+                "are stored for that mode)"
+            )
+        if self.fsdp:
+            self._load_optimizers(path / OPTIMIZER_DIR, state["optimizer_groups"])
+            for sched, updates in zip(self.schedulers, state["lr_updates"]):
+                self._set_lr_updates(sched, updates)
+        else:
+            self.accelerator.load_state(str(path))
         self._load_tensors(load_file(str(path / "trainable.safetensors")), ema=False, where=path)
         if (path / "ema.safetensors").is_file():
             self._load_tensors(load_file(str(path / "ema.safetensors")), ema=True, where=path)
@@ -455,5 +570,4 @@ def load_group_tensors(groups: list[Group], tensors: dict[str, torch.Tensor], wh
             key = f"{g.name}/{name}"
             if key not in tensors:
                 raise KeyError(f"checkpoint {where} lacks {key}: it was written by a different configuration")
-            with torch.no_grad():
-                dest.copy_(tensors[key].to(dest.device, dest.dtype))
+            copy_full_into(dest, tensors[key])

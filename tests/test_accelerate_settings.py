@@ -304,9 +304,9 @@ def test_quiet_libraries_drops_notices_and_bars_only_inside_the_block():
 def test_an_accelerate_config_file_with_bf16_gives_a_bf16_run(tiny_teachers, tmp_path):
     """``accelerate launch --config_file`` (what ``accelerate config`` writes) asking for bf16, a recipe that does
     not set mixed_precision: the run's checkpoint records bf16."""
-    import os
     import subprocess
-    import sys
+
+    from launching import launch_command, launch_env
 
     accelerate_config = tmp_path / "accelerate.yaml"
     accelerate_config.write_text(
@@ -323,13 +323,11 @@ def test_an_accelerate_config_file_with_bf16_gives_a_bf16_run(tiny_teachers, tmp
         )
     )
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-         str(REPO / "train/distill.py"), "--config", str(TINY_RECIPE), f"teacher={tiny_teachers['sdxl']}",
-         f"output_dir={out}", "max_steps=1", "checkpointing_steps=1", "validation_steps=100", "export=false"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [*launch_command(config_file=accelerate_config), str(REPO / "train/distill.py"), "--config",
+         str(TINY_RECIPE), f"teacher={tiny_teachers['sdxl']}", f"output_dir={out}", "max_steps=1",
+         "checkpointing_steps=1", "validation_steps=100", "export=false"],
+        cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "checkpoints/checkpoint-1/trainer_state.json").read_text())

@@ -241,8 +241,11 @@ class _StubTeacher:
     def encode(self, texts, resolution):
         return list(texts)
 
-    def encode_images(self, pixels, generator=None):
-        return pixels
+    def latent_posterior(self, pixels):
+        return pixels, torch.zeros_like(pixels)
+
+    def sample_latents(self, mean, std, generator=None):
+        return mean
 
 
 def test_batch_fn_with_workers_and_resumed_equals_in_process(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import launch_command, launch_env
 from safetensors.torch import load_file
 
 from fastdiff.config import load_config
@@ -20,29 +21,10 @@ PROMPT = "a red square"
 
 
 def launch(args: list[str], num_processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_processes",
-        str(num_processes),
-    ]
-    if num_processes > 1:
-        env["ACCELERATE_USE_CPU"] = "1"
-        cmd += ["--multi_gpu"]
-    else:
-        cmd += ["--cpu"]
     proc = subprocess.run(
-        cmd + [str(REPO / "train/distill.py"), *args],
+        launch_command(num_processes) + [str(REPO / "train/distill.py"), *args],
         cwd=REPO,
-        env=env,
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -111,6 +111,10 @@ class Method(nn.Module):
     own_data: bool = (
         False  # its stages bring training data of their own: a run needs neither prompts nor dataset
     )
+    # the largest of an int over ranks (the trainer sets it when networks are sharded): a loss whose number of
+    # network calls depends on its batch (e.g. backward simulation's k steps) calls ``agree_max`` so that every
+    # rank makes the same calls (FSDP all-gathers weights inside each call)
+    agree_max: Callable[[int], int] = staticmethod(int)
 
     # --- construction -----------------------------------------------------------------------------------------
     @classmethod

@@ -209,11 +209,13 @@ class DMD2(CriticMethod):
                 raise ValueError("multi-step DMD2 without backward_simulation needs real images (a dataset)")
             x = schedule.add_noise(real, x, ts[k], self.alphas_cumprod)
         elif len(ts) > 1:
+            steps = int(k.max())
             with torch.no_grad():
-                for i in range(int(k.max())):
+                for i in range(self.agree_max(steps)):  # sharded networks: as many calls as the busiest rank
                     x0 = self.generator(x, ts[i].expand(n), cond)
-                    renoised = student.renoise(x0, ts[i + 1], generator, self.alphas_cumprod)
-                    x = torch.where((k > i).view(-1, *[1] * (x.ndim - 1)), renoised, x)
+                    if i < steps:  # this rank's own steps (and random draws) are those of an unsharded run
+                        renoised = student.renoise(x0, ts[i + 1], generator, self.alphas_cumprod)
+                        x = torch.where((k > i).view(-1, *[1] * (x.ndim - 1)), renoised, x)
         return self.generator(x, ts[k], cond)
 
     # --- losses -----------------------------------------------------------------------------------------------
