@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import io
+import math
 import os
 import re
 import textwrap
@@ -218,7 +219,44 @@ def build_config(layers: list[tuple[str, dict]]) -> TrainConfig:
     cfg.section = _to_object(_merge(section_cls, sections))
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel={cfg.parallel!r}: use ddp or fsdp")
+    check_ranges(cfg, "")
+    check_ranges(cfg.section, f"{method}.")
     return cfg
+
+
+def check_ranges(config, prefix: str) -> None:
+    """Numbers a run cannot use are ConfigErrors naming the key: every number must be finite; a count (an int
+    key) must be >= 0, and >= 1 where its default is (steps between events, ratios, ranks, batch sizes: 0 would
+    divide by zero or train nothing; timesteps such as ``min_step`` excepted); a learning rate (a key ending in ``lr``) must be > 0. Nested sections (e.g.
+    ``optim``) are checked with their prefix."""
+    for f in dataclasses.fields(config):
+        if f.name in _NOT_KEYS:
+            continue
+        value, key = getattr(config, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v):
+                raise ConfigError(f"{key}={v} is not a finite number")
+            if isinstance(v, int) and v < 0:
+                raise ConfigError(f"{key}={v} must be >= 0")
+            timestep = f.name.endswith(("_step", "timestep"))  # a timestep, e.g. min_step: 0 is one
+            if (
+                isinstance(v, int)
+                and isinstance(default, int)
+                and not isinstance(default, bool)
+                and default >= 1
+                and not timestep
+                and v < 1
+            ):
+                raise ConfigError(f"{key}={v} must be >= 1")
+            if f.name.endswith("lr") and v <= 0:
+                raise ConfigError(f"{key}={v}: a learning rate must be > 0")
 
 
 PRECISIONS = ("no", "fp16", "bf16")

@@ -39,10 +39,24 @@ LAYOUTS = (
 )
 
 
+class DataError(ValueError):
+    """A prompt file, caption or dataset that cannot be used as it is: one line naming the file."""
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; a DataError naming the file and the byte when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start : e.start + 1]!r})"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """Parse a JSON-lines file into ``(line_number, object)`` pairs, skipping blank lines."""
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -76,7 +90,7 @@ def load_prompts(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"Prompt file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+        lines = (line.strip() for line in read_utf8(path).splitlines())
         prompts = [line for line in lines if line and not line.startswith("#")]
     elif suffix == ".jsonl":
         prompts = []
@@ -109,7 +123,7 @@ def read_table(path: Path) -> list[tuple[str, dict]]:
     file as ``(where, row)`` pairs, ``where`` naming the file and the row's line (JSON lines, csv) or number."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with io.StringIO(read_utf8(path), newline="") as f:
             reader = csv.DictReader(f)
             rows = [(f"{path.name}, line {reader.line_num}", row) for row in reader]
         return rows
@@ -123,7 +137,7 @@ def read_table(path: Path) -> list[tuple[str, dict]]:
         ]
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_utf8(path))
         except json.JSONDecodeError:  # JSON lines under a .json name, as datasets' json loader accepts
             data = None
         if isinstance(data, list):
@@ -341,7 +355,7 @@ class ImageCaptionDataset(_DecodedItems):
             hidden = any(part.startswith(".") for part in rel.parts)
             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not hidden:
                 txt = p.with_suffix(".txt")
-                caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+                caption = read_utf8(txt).strip() if txt.is_file() else ""
                 self._items.append((rel.as_posix(), p, caption))
         self.image_column = self.caption_column = None
 

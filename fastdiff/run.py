@@ -14,6 +14,7 @@ from typing import NoReturn
 import torch
 
 from .config import ConfigError, TrainConfig, describe, load_config, resolve_mixed_precision, to_dict
+from .data import DataError
 from .logs import quiet_libraries, setup_logging
 
 logger = logging.getLogger("fastdiff")
@@ -186,12 +187,19 @@ def run_context(cfg: TrainConfig, teacher, accelerator=None, with_data: bool = T
         ctx.rank, ctx.world_size = accelerator.process_index, accelerator.num_processes
         ctx.barrier = accelerator.wait_for_everyone
     if with_data:
-        ctx.dataset = (
-            open_dataset(cfg.dataset, resolution, cfg.image_column, cfg.caption_column)
-            if cfg.dataset
-            else None
-        )
-        ctx.prompts = load_prompts(cfg.prompts) if cfg.prompts else None
+        ctx.dataset = ctx.prompts = None
+        try:  # what the user's files hold: one line naming the key and the problem
+            if cfg.dataset:
+                ctx.dataset = open_dataset(cfg.dataset, resolution, cfg.image_column, cfg.caption_column)
+            if cfg.prompts:
+                ctx.prompts = load_prompts(cfg.prompts)
+        except DataError:
+            raise
+        except (ValueError, OSError) as e:
+            key = (
+                f"dataset={cfg.dataset}" if ctx.dataset is None and cfg.dataset else f"prompts={cfg.prompts}"
+            )
+            raise DataError(f"{key}: {e}") from None
         from .methods import registry
 
         if ctx.dataset is None and ctx.prompts is None and not registry.get(cfg.method).own_data:
@@ -233,7 +241,13 @@ def _train(cfg: TrainConfig) -> Path:
     ctx.prepared = method_cls.prepare(ctx)  # the method's stage before training, if it has one
     method = method_cls.build(ctx)
     use_attention(cfg.attention, [method])  # the UNets the method built (copies, students) as well
-    batch_fn = method.batch_source(ctx) or make_batch_fn(
+    own = method.batch_source(ctx)
+    if own is not None and cfg.cache:
+        raise ConfigError(
+            f"cache={cfg.cache}: {cfg.method} brings its own batches (from its prepare stage), not the run's prompts "
+            "or dataset; unset cache="
+        )
+    batch_fn = own or make_batch_fn(
         cfg,
         teacher,
         ctx.resolution,
@@ -313,6 +327,11 @@ def load_checkpoint_method(checkpoint: str | Path, teacher: str | None = None, e
     state_file = checkpoint / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a fastdiff checkpoint (no trainer_state.json)")
+    from .trainer import verify_checkpoint
+
+    problem = verify_checkpoint(checkpoint)
+    if problem:
+        raise ValueError(f"{checkpoint} is damaged: {problem}")
     saved = json.loads(state_file.read_text())["config"]
     resolved = saved.pop("teacher_path", None)
     cfg = from_dict(saved)
@@ -406,5 +425,5 @@ def main(argv=None) -> None:
         return
     try:
         train(cfg)
-    except (ConfigError, TeacherError, FileNotFoundError) as e:
+    except (ConfigError, TeacherError, DataError, FileNotFoundError) as e:
         _fail(e)

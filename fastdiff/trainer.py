@@ -46,18 +46,79 @@ def step_seed(seed: int, step: int, rank: int, group: int, micro: int) -> int:
 
 
 def find_checkpoint(output_dir: str | Path, which: str) -> Path | None:
-    """Resolve ``resume_from_checkpoint``: "latest" (newest complete checkpoint, or None) or a folder."""
+    """Resolve ``resume_from_checkpoint``: "latest" (the newest checkpoint that verifies, with a warning for each
+    damaged one passed over; None when there is none) or a folder (a ValueError naming it when it is damaged)."""
     if which != "latest":
         path = Path(which)
         if not path.is_dir():
             path = Path(output_dir) / "checkpoints" / which
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"resume_from_checkpoint: {which} is not a fastdiff checkpoint folder")
+        problem = verify_checkpoint(path)
+        if problem:
+            raise ValueError(f"resume_from_checkpoint: {path} is damaged: {problem}")
         return path
     root = Path(output_dir) / "checkpoints"
     found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
-    found = [(s, p) for s, p in found if (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
+    for _, path in sorted(found, reverse=True):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s is damaged (%s): trying the one before", path, problem)
+    return None
+
+
+MANIFEST = "manifest.json"  # a checkpoint's files and sizes, written last
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> None:
+    """Flush every file of a checkpoint folder to disk, then record each one's size in ``manifest.json`` (flushed
+    too, with the folders)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        _fsync(path)
+        files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    _fsync(folder / MANIFEST)
+    for sub in sorted({p.parent for p in folder.rglob("*")} | {folder}):
+        _fsync(sub)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None: no trainer state; a file of its manifest missing or of
+    another size (a checkpoint written before manifests is taken on its trainer state); a safetensors file whose
+    header does not read."""
+    from safetensors import safe_open
+
+    if not (path / "trainer_state.json").is_file():
+        return "no trainer_state.json"
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError):
+            return f"{MANIFEST} does not read"
+        for name, size in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    for f in path.glob("*.safetensors"):
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except Exception as e:  # truncated or overwritten
+            return f"{f.name} does not read ({type(e).__name__}: {e})"
+    return None
 
 
 def make_optimizer(group: Group, device=None) -> torch.optim.Optimizer:
@@ -375,6 +436,8 @@ class Trainer:
                 "nonfinite_in_row": self.nonfinite_in_row,
                 "last_terms": self.last_terms,
                 "num_processes": acc.num_processes,
+                # EMAModel's update counters: its warm-up decay (1 + n) / (10 + n) continues from them on resume
+                "ema_steps": [None if e is None else e.optimization_step for e in self.emas],
                 "parallel": "fsdp" if self.fsdp else "ddp",
                 **(
                     {"lr_updates": self._lr_updates(), "optimizer_groups": optimizer_groups}
@@ -385,9 +448,11 @@ class Trainer:
                 "config": self.config_dict,
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            write_manifest(tmp)  # last: a checkpoint without it, or not matching it, was not finished
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _fsync(root)
             self._prune(root)
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
@@ -516,6 +581,9 @@ class Trainer:
         self._load_tensors(load_file(str(path / "trainable.safetensors")), ema=False, where=path)
         if (path / "ema.safetensors").is_file():
             self._load_tensors(load_file(str(path / "ema.safetensors")), ema=True, where=path)
+            for e, n in zip(self.emas, state.get("ema_steps") or [None] * len(self.emas)):
+                if e is not None and n is not None:
+                    e.optimization_step = n
         if (path / "method_state.safetensors").is_file():
             self.method.load_extra_state(load_file(str(path / "method_state.safetensors")))
         self.step = state["step"]

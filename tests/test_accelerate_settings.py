@@ -332,3 +332,13 @@ def test_an_accelerate_config_file_with_bf16_gives_a_bf16_run(tiny_teachers, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "checkpoints/checkpoint-1/trainer_state.json").read_text())
     assert state["config"]["mixed_precision"] == "bf16"
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "ddp", "fsdp"])
+def test_the_shipped_accelerate_config_files_load_in_accelerate(name):
+    """assets/accelerate/*.yaml are accelerate config files (what `accelerate launch --config_file` reads)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(REPO / "assets/accelerate" / f"{name}.yaml"))
+    assert config.mixed_precision == "bf16"
+    assert (config.num_processes > 1) == (name != "single_gpu")

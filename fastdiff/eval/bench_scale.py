@@ -6,8 +6,8 @@ checkpointing and AdamW or 8-bit AdamW, in three modes:
 
 - ``shared-base``: generator and fake score as two LoRA adapters on the one frozen teacher UNet;
 - ``full-copy``: generator and fake score as full float32 copies beside the frozen teacher;
-- ``fsdp``: full-copy with every UNet sharded by ``torch.distributed.fsdp.fully_shard`` (per down/up block and at
-  the root); needs several processes (``accelerate launch --num_processes N``), else the row is recorded as skipped.
+- ``fsdp``: full-copy with ``parallel=fsdp``: every UNet sharded per block by the trainer (``fastdiff.parallel``);
+  needs several processes (``accelerate launch --num_processes N``), else the row is recorded as skipped.
 
 Each row records seconds per iteration, images per second, peak GPU memory and whether it fit; ``--tiny`` runs the
 same code on the tiny UNets of ``fastdiff.models.tiny`` on the CPU (a test of the bench, not a measurement).
@@ -216,49 +216,6 @@ def _unique(params) -> dict[int, torch.nn.Parameter]:
     return {id(p): p for p in params}
 
 
-def _shard(method, device: torch.device):
-    """Shard every UNet inside ``method`` with FSDP2 (each down/up block, then the root) and return the method
-    behind a thin wrapper whose groups name the sharded parameters (``fully_shard`` replaces them)."""
-    from dataclasses import replace
-
-    from diffusers import UNet2DConditionModel
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from ..methods.base import Method
-
-    unets = list({id(m): m for m in method.modules() if isinstance(m, UNet2DConditionModel)}.values())
-    where = {id(p): (i, name) for i, u in enumerate(unets) for name, p in u.named_parameters()}
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for unet in unets:
-        kw = {"mp_policy": mp} if device.type == "cuda" else {}
-        for block in (*unet.down_blocks, *unet.up_blocks):
-            fully_shard(block, **kw)
-        fully_shard(unet, **kw)
-    sharded = [dict(u.named_parameters()) for u in unets]
-
-    def moved(p):
-        i, name = where.get(id(p), (None, None))
-        return p if i is None else sharded[i][name]
-
-    groups = [replace(g, params={k: moved(p) for k, p in g.params.items()}) for g in method.groups()]
-
-    class Sharded(Method):
-        name = method.name
-        keep_fp32 = tuple(f"inner.{n}" for n in method.keep_fp32)
-
-        def __init__(self):
-            super().__init__()
-            self.inner = method
-
-        def groups(self):
-            return groups
-
-        def loss(self, group, batch, step, generator):
-            return self.inner.loss(group, batch, step, generator)
-
-    return Sharded()
-
-
 def _measure(family, mode, batch, optimizer, tiny, iters, warmup, device, row) -> None:
     """Build, train ``warmup`` + ``iters`` iterations and fill ``row`` (may raise torch.cuda.OutOfMemoryError)."""
     from accelerate.state import AcceleratorState
@@ -284,6 +241,9 @@ def _measure(family, mode, batch, optimizer, tiny, iters, warmup, device, row) -
             train_batch_size=batch,
             checkpointing_steps=10**9,
             report_to="none",
+            parallel="fsdp"
+            if mode == "fsdp"
+            else "ddp",  # the trainer shards the full copies (fastdiff.parallel)
         )
         cfg.section = section
         rank, world = _world()
@@ -300,8 +260,6 @@ def _measure(family, mode, batch, optimizer, tiny, iters, warmup, device, row) -
                 world_size=world,
             )
         )
-        if mode == "fsdp":
-            method = _shard(method, device)
         cond = random_cond(unet, batch, resolution, torch.Generator().manual_seed(1), device)
 
         def batch_fn(step, micro, generator):
