@@ -2,12 +2,14 @@
 
 For a teacher and a list of systems (the teacher at given steps/CFG, fastdiff exports), sample N images per system
 with fixed seeds, then score them. With the digits prompts (the default: balanced over the 10 digits) the scores
-are the digits metrics against the held-out digits: FD-digits, prompt accuracy, coverage, diversity. With a prompt
+are the digits metrics against the held-out digits (``metrics.DigitsEvaluator``): FD-digits, FD-pixels, KID in both
+spaces, precision/recall, prompt accuracy, coverage, diversity (``LEGEND``). With a prompt
 list (``--prompts``, e.g. COCO captions) the digits metrics are off, as they need digit labels. Either way, from
 local model files where given (``reference_metrics``): CLIP score of each image with its prompt (``--clip``), and
 FID and KID against a folder of real images (``--inception`` + ``--reference-images``). Every row also has NFE
-(UNet calls per image) and end-to-end latency. Writes ``bench.json`` (a list of rows), ``bench.md`` (a table) and
-one sample grid per row. ``--gmm`` runs the same rows on the analytic Gaussian-mixture teacher with exact metrics
+(UNet calls per image) and end-to-end latency. Writes ``bench.json`` (a list of rows), ``bench.md`` (a table and a
+legend of its columns), one sample grid per row (``grids/<system>.png``) and ``grids/side_by_side.png``: the same
+prompts and seeds (image i of every system draws the same noise) in one row per system. ``--gmm`` runs the same rows on the analytic Gaussian-mixture teacher with exact metrics
 (NLL, mode coverage, sliced W2).
 """
 
@@ -28,6 +30,9 @@ from .reference_metrics import CLIPScore, InceptionReference
 
 TEACHER_STEPS = (1, 2, 4, 8, 25)
 GRID_IMAGES = 16  # images in a system's grid with a prompt list
+SIDE_BY_SIDE_PER_DIGIT = 4  # digits prompts per digit in the side-by-side grid (40 prompts)
+SIDE_BY_SIDE_PROMPTS = 8  # prompts in the side-by-side grid with a prompt list
+SIDE_BY_SIDE = "grids/side_by_side.png"
 
 
 @dataclass
@@ -200,6 +205,57 @@ def digits_grid(images: torch.Tensor, labels: torch.Tensor):
     return image_grid(images[pick], rows=10)
 
 
+def side_by_side_indices(labels: torch.Tensor, per_digit: int = SIDE_BY_SIDE_PER_DIGIT) -> torch.Tensor:
+    """Indices of the first ``per_digit`` prompts of each digit, digit by digit (fewer where ``labels`` has fewer)."""
+    labels = torch.as_tensor(labels)
+    return torch.cat([torch.nonzero(labels == d).flatten()[:per_digit] for d in range(10)])
+
+
+def side_by_side(images: dict[str, torch.Tensor], label_width: int | None = None, min_tile: int = 64):
+    """One row per system, one column per prompt: ``images`` maps each system's name to its images [P, 3, H, W] in
+    [0, 1] of the same P prompts and seeds. Tiles take the first system's size (others are resized), enlarged by the
+    integer factor f = max(1, ``min_tile`` // H) (nearest neighbour: 32x32 digits show at 64x64, pixels intact); the
+    system's name is written in a margin of ``label_width`` pixels on the left (default: wide enough for the longest
+    name; 0 for none). Tile (row r, column j) lies at x = label_width + j * f * W, y = r * f * H."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    if not images:
+        raise ValueError("no systems for the side-by-side grid")
+    first = next(iter(images.values()))
+    p, _, h, w = first.shape
+    if any(x.shape[0] != p for x in images.values()):
+        raise ValueError(f"every system needs the same prompts: got {[x.shape[0] for x in images.values()]}")
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    if label_width is None:
+        label_width = max(int(draw.textlength(name)) for name in images) + 8
+    rows = []
+    for x in images.values():
+        x = x.float().cpu().clamp(0, 1)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (h, w):
+            x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True).clamp(0, 1)
+        rows.append(x)
+    f = max(1, min_tile // h)
+    if f > 1:
+        rows = [x.repeat_interleave(f, -2).repeat_interleave(f, -1) for x in rows]
+        h, w = h * f, w * f
+    tiles = (torch.cat(rows).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    grid = np.zeros((len(rows) * h, label_width + p * w, 3), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, p)
+        grid[r * h : (r + 1) * h, label_width + c * w : label_width + (c + 1) * w] = tile
+    image = Image.fromarray(grid)
+    if label_width:  # drawn on the margin alone: a long name is cut, never written over a tile
+        margin = Image.new("RGB", (label_width, len(rows) * h))
+        draw = ImageDraw.Draw(margin)
+        for r, name in enumerate(images):
+            draw.text((4, r * h + max(0, h // 2 - 6)), name, fill=(255, 255, 255))
+        image.paste(margin, (0, 0))
+    return image
+
+
 def run(
     systems: list[System],
     out: str | Path,
@@ -214,7 +270,9 @@ def run(
     """Sample, score and write bench.json / bench.md / grids for ``systems``.
 
     ``prompts``: None for the digits prompts and metrics, or a list of prompts (repeated in order up to ``n``) and
-    no digits metrics; then only a system's first ``GRID_IMAGES`` images are kept, for its grid. ``clip`` adds the
+    no digits metrics; then only a system's first ``GRID_IMAGES`` images are kept, for its grid. The side-by-side
+    grid shows the first ``SIDE_BY_SIDE_PER_DIGIT`` prompts of each digit (or the first ``SIDE_BY_SIDE_PROMPTS``
+    prompts of the list) for every system. ``clip`` adds the
     column ``clip_score``; ``inception`` adds ``fid``, ``kid_mean`` and ``kid_std``. ``device``: where pipelines
     sample (None: the CPU); the metric models stay where the caller put them.
     """
@@ -232,10 +290,13 @@ def run(
     if digits:
         prompts, labels = balanced_prompts(n)
         labels = torch.tensor(labels)
-        evaluator = DigitsEvaluator(classifier) if classifier is not None else DigitsEvaluator()
+        evaluator = DigitsEvaluator(*([] if classifier is None else [classifier]), all_metrics=True)
     else:
         prompts = [prompts[i % len(prompts)] for i in range(n)]
-    rows = []
+    shown = (
+        side_by_side_indices(labels) if digits else torch.arange(min(SIDE_BY_SIDE_PROMPTS, n, GRID_IMAGES))
+    )
+    rows, compared = [], {}
     for system in systems:
         keep = None if digits else GRID_IMAGES
         images, seconds, scores = sample_and_score(system, prompts, batch, clip, inception, keep, device)
@@ -254,13 +315,54 @@ def run(
         }
         grid = digits_grid(images, labels) if digits else image_grid(images, rows=math.isqrt(len(images)))
         grid.save(out / "grids" / f"{system.name}.png")
+        compared[system.name] = images[shown]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write(rows, out)
+    if compared:
+        side_by_side(compared).save(out / SIDE_BY_SIDE)
+    write(rows, out, grid=SIDE_BY_SIDE if compared else None)
     return rows
 
 
-def write(rows: list[dict], out: Path) -> None:
+LEGEND = {
+    "nfe": "UNet calls per image (CFG counts two).",
+    "fd_digits": "Fréchet distance of Gaussians fitted to the bundled digits classifier's 64-d penultimate features,"
+    " generated vs the held-out digits (lower is better; biased upwards at small N).",
+    "fd_pixels": "the same Fréchet distance on a space independent of the classifier: each image taken back to the"
+    " digits' native 8x8 grey pixels in [0, 1] (least-squares inverse of the data's 8 -> 32 bilinear upsampling, so"
+    " a held-out digit gives its scikit-learn image exactly); sees stroke texture and blotches the classifier may"
+    " ignore.",
+    "kid_digits": "KID on the classifier features: unbiased MMD^2 with the kernel (x.y/64 + 1)^3, mean over 100"
+    " subsets of min(1000, N, N_ref) images (seed 0; the std over subsets is `kid_digits_std` in bench.json); ~0"
+    " (either sign) for samples of the data's distribution, less biased by N than FD.",
+    "kid_pixels": "the same KID on the 8x8 pixel features (`kid_pixels_std` in bench.json).",
+    "precision": "k-NN precision (Kynkäänniemi et al. 2019, k = 3) on the classifier features: fraction of generated"
+    " images inside the held-out digits' manifold (union of balls reaching each real image's 3rd nearest real"
+    " neighbour); fidelity, low for off-manifold samples.",
+    "recall": "k-NN recall (k = 3): fraction of held-out digits inside the generated images' manifold; variety, low"
+    " when modes (e.g. whole digits) are dropped. Both depend on N.",
+    "prompt_accuracy": "fraction of images the classifier reads as their prompted digit.",
+    "coverage": "per-class mode coverage: weight of each digit's k-means modes (k = 5) hit by its images, averaged"
+    " over digits (1 = every mode).",
+    "diversity": "within-class mean pairwise feature distance relative to the held-out digits' (1 = real; 0 ="
+    " copies).",
+    "clip_score": "CLIP score of each image with its prompt (100 x cosine, clamped at 0).",
+    "fid": "FID against the reference images (FID Inception-v3 pool features).",
+    "kid_mean": "KID against the reference images (Inception features; `kid_std` its std over subsets).",
+    "latency_ms": "milliseconds per image end to end (text encoding + UNet + VAE) at the row's batch.",
+    "train_seconds": "distillation wall-clock time of the export.",
+}
+
+
+def legend(keys: list[str]) -> str:
+    """The markdown legend of the columns ``keys`` that ``LEGEND`` describes ("" for none)."""
+    lines = [f"- `{k}`: {LEGEND[k]}" for k in keys if k in LEGEND]
+    return "\n".join(["", "Columns:", "", *lines, ""]) if lines else ""
+
+
+def write(rows: list[dict], out: Path, grid: str | None = None) -> None:
+    """bench.json (every key of every row) and bench.md (the table, a legend of its columns and, where given, the
+    side-by-side ``grid``'s path relative to ``out``)."""
     out = Path(out)
     (out / "bench.json").write_text(json.dumps(rows, indent=2))
     keys = [
@@ -269,6 +371,11 @@ def write(rows: list[dict], out: Path) -> None:
         "steps",
         "nfe",
         "fd_digits",
+        "fd_pixels",
+        "kid_digits",
+        "kid_pixels",
+        "precision",
+        "recall",
         "prompt_accuracy",
         "coverage",
         "diversity",
@@ -281,7 +388,10 @@ def write(rows: list[dict], out: Path) -> None:
     ]
     extra = [k for k in ("nll", "nll_true", "mode_coverage", "sw2") if any(k in r for r in rows)]
     keys = [k for k in keys if any(k in r for r in rows)] + extra
-    (out / "bench.md").write_text(markdown_table(rows, keys))
+    text = markdown_table(rows, keys) + legend(keys)
+    if grid is not None:
+        text += f"\nSide by side (same prompts and seeds, one row per system): ![side by side]({grid})\n"
+    (out / "bench.md").write_text(text)
 
 
 def markdown_table(rows: list[dict], keys: list[str]) -> str:

@@ -20,7 +20,22 @@ penultimate activations (``DigitClassifier.features``). The reference is the hel
   the same quantity for the reference images of that class, averaged over classes with >= 2 images. ~1 for
   real-like variety, 0 for copies. Judge it next to accuracy (DESIGN §8): noise is diverse too.
 
-``DigitsEvaluator`` caches the classifier and the reference statistics and returns all four numbers at once.
+A second feature space, independent of the classifier (a metric tuned against one network can be gamed in its
+features): ``pixel_features``, the 8x8 grey images the data was made from. ``load_split`` makes each digit by
+bilinear upsampling of scikit-learn's 8x8 image (0..16, scaled to [0, 1]) to 32x32; here an image (grey = mean of
+RGB, resized to 32x32 if needed) goes back through the least-squares inverse of that upsampling, x8 = P x32 P^T
+with P = pinv(U) of the 32x8 bilinear upsampling matrix U (condition number 1.7). A held-out digit comes back to
+its original 8x8 values exactly; a generated image to the 8x8 image whose upsampling is nearest to it. Features:
+the 64 values in [0, 1] units.
+
+- ``fd_pixels``: the Fréchet distance above on the 64-d pixel features.
+- ``kid_digits`` / ``kid_pixels`` (and ``*_std``): KID in each space, ``manifold.kid`` (our own exact unbiased
+  implementation: polynomial kernel (x.y/D + 1)^3, 100 subsets of min(1000, N, N_ref), seed 0).
+- ``precision`` / ``recall``: k-NN manifold precision and recall (Kynkäänniemi et al. 2019, k = 3) of the
+  classifier features, ``manifold.precision_recall``; class labels are not used (unconditional, as in the paper).
+
+``DigitsEvaluator`` caches the classifier and the reference statistics and returns the first four numbers at once
+(``BASIC_KEYS``), or all of them with ``all_metrics=True`` (``METRIC_KEYS``; what ``fastdiff bench quality`` uses).
 """
 
 from __future__ import annotations
@@ -29,8 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..digits.classifier import DEFAULT_PATH, DigitClassifier, load_classifier
+from ..digits.data import RESOLUTION
+from .manifold import PR_K, kid, knn_radii, precision_recall
+
+NATIVE = 8  # scikit-learn's digits are 8x8
 
 
 @torch.no_grad()
@@ -47,6 +67,29 @@ def extract_features(
         preds.append(classifier.head(f).argmax(-1).cpu())
     classifier.train(was_training)
     return torch.cat(feats), torch.cat(preds)
+
+
+def _downsampler(size: int = RESOLUTION, native: int = NATIVE) -> torch.Tensor:
+    """P [native, size]: the least-squares inverse of 1-D bilinear upsampling native -> size (as ``load_split``)."""
+    basis = torch.eye(native, dtype=torch.float64)[:, None, None, :]  # each 8-pixel basis row, upsampled
+    up = F.interpolate(basis, size=(1, size), mode="bilinear", align_corners=False)[:, 0, 0, :]
+    return torch.linalg.pinv(up.T)  # up.T: [size, native]
+
+
+_P = _downsampler()
+
+
+def pixel_features(images01: torch.Tensor) -> torch.Tensor:
+    """[N, 64] float64: images [N, 1|3, H, W] in [0, 1] mapped back to the digits' native 8x8 grey (module
+    docstring); a held-out digit gives its scikit-learn image / 16."""
+    if images01.ndim != 4 or images01.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [N, 1 or 3, H, W], got shape {tuple(images01.shape)}")
+    x = images01.detach().float().cpu().mean(1, keepdim=True)
+    if x.shape[-2:] != (RESOLUTION, RESOLUTION):
+        x = F.interpolate(
+            x, size=(RESOLUTION, RESOLUTION), mode="bilinear", align_corners=False, antialias=True
+        )
+    return (_P @ x[:, 0].double() @ _P.T).reshape(x.shape[0], -1)
 
 
 def _labels(labels, n: int) -> torch.Tensor:
@@ -213,15 +256,41 @@ def within_class_diversity(
     return diversity_from_features(extract_features(classifier, images01)[0], labels, spread)
 
 
+def fd_pixels(images01: torch.Tensor, reference_images01=None) -> float:
+    """FD-pixels: Fréchet distance of native 8x8 pixel features, generated vs reference (default: held-out)."""
+    ref, _ = _reference(reference_images01, need_labels=False)
+    return frechet_distance(pixel_features(images01), pixel_features(ref))
+
+
+BASIC_KEYS = ("fd_digits", "prompt_accuracy", "coverage", "diversity")
+METRIC_KEYS = (
+    "fd_digits",
+    "fd_pixels",
+    "kid_digits",
+    "kid_digits_std",
+    "kid_pixels",
+    "kid_pixels_std",
+    "precision",
+    "recall",
+    "prompt_accuracy",
+    "coverage",
+    "diversity",
+)
+
+
 class DigitsEvaluator:
     """All digit metrics against a fixed reference, with the classifier and reference statistics cached.
 
-    ``evaluator(images01, labels)`` -> {"fd_digits", "prompt_accuracy", "coverage", "diversity"}.
+    ``evaluator(images01, labels)`` -> {key: value for key in ``BASIC_KEYS``}, or for every key in ``METRIC_KEYS``
+    (adding FD-pixels, KID in both spaces, precision and recall) with ``all_metrics=True``, as the digits bench asks
+    (definitions in the module docstring).
 
     Args:
         classifier: a ``DigitClassifier`` or a path to one (default: the shipped classifier).
         reference_images01, reference_labels: the reference set (default: the held-out split).
         k, seed: modes per class for coverage.
+        pr_k: the neighbour for precision/recall's radii.
+        all_metrics: every metric of ``METRIC_KEYS`` rather than the four of ``BASIC_KEYS``.
     """
 
     def __init__(
@@ -232,6 +301,8 @@ class DigitsEvaluator:
         k: int = 5,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        pr_k: int = PR_K,
+        all_metrics: bool = False,
     ):
         if not isinstance(classifier, DigitClassifier):
             classifier = load_classifier(classifier, device=device)
@@ -241,13 +312,36 @@ class DigitsEvaluator:
         self.reference_stats = gaussian_stats(feats)
         self.modes = fit_modes(feats, ref_y, k=k, seed=seed)
         self.reference_spread = class_spread(feats, ref_y)
+        self.reference_features = feats
+        self.reference_pixels = pixel_features(ref)
+        self.reference_pixel_stats = gaussian_stats(self.reference_pixels)
+        self.pr_k, self.all_metrics = pr_k, all_metrics
+        self.reference_radii = knn_radii(feats, pr_k) if all_metrics else None
 
     def __call__(self, images01: torch.Tensor, labels) -> dict[str, float]:
         feats, preds = extract_features(self.classifier, images01)
         labels = _labels(labels, feats.shape[0])
-        return {
+        basic = {
             "fd_digits": frechet_from_stats(*gaussian_stats(feats), *self.reference_stats),
             "prompt_accuracy": float((preds == labels).float().mean()),
             "coverage": coverage_from_features(feats, labels, self.modes),
             "diversity": diversity_from_features(feats, labels, self.reference_spread),
         }
+        if not self.all_metrics:
+            return basic
+        pixels = pixel_features(images01)
+        kid_digits, kid_digits_std = kid(feats, self.reference_features)
+        kid_pixels, kid_pixels_std = kid(pixels, self.reference_pixels)
+        precision, recall = precision_recall(
+            feats, self.reference_features, self.pr_k, b_radii=self.reference_radii
+        )
+        more = {
+            "fd_pixels": frechet_from_stats(*gaussian_stats(pixels), *self.reference_pixel_stats),
+            "kid_digits": kid_digits,
+            "kid_digits_std": kid_digits_std,
+            "kid_pixels": kid_pixels,
+            "kid_pixels_std": kid_pixels_std,
+            "precision": precision,
+            "recall": recall,
+        }
+        return {k: {**basic, **more}[k] for k in METRIC_KEYS}
