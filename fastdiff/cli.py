@@ -185,10 +185,14 @@ def _demo(args) -> None:
 
 
 def _serve(args) -> None:
-    from .serve.app import ServeConfig, serve
+    from .serve.app import ExposureError, ServeConfig, serve
 
     fields = ServeConfig.__dataclass_fields__
-    serve(ServeConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
+    try:
+        serve(ServeConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
+    except ExposureError as e:
+        print(f"fastdiff: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _prepare(args) -> None:
@@ -360,9 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a base pipeline with LoRA adapters over HTTP (extra: serve)")
     p.add_argument("--base", required=True, help="local diffusers pipeline folder (SD1.5 / SDXL)")
     p.add_argument("--adapters", required=True, help="folder of *.safetensors LoRAs and fastdiff exports")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="a non-loopback host needs --token or --insecure")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", help="bearer token for all but /healthz (or $FASTDIFF_SERVE_TOKEN)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host without a token (anyone who can connect may use the server)",
+    )
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda")
     p.add_argument("--cache-size", type=int, help="adapters kept loaded, LRU (default 8)")
@@ -384,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-chars", type=int, help="limit (default 2000)")
     p.add_argument("--max-body-bytes", type=int, help="limit on a request body (default 1 MiB)")
     p.add_argument("--max-adapter-bytes", type=int, help="limit on an adapter file (default 2 GiB)")
+    p.add_argument(
+        "--generation-timeout-s", type=float, help="504 for a request not done by then (default 300)"
+    )
+    p.add_argument(
+        "--header-timeout-s", type=float, help="close a connection not sending its request head (default 10)"
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(fn=_serve)
 

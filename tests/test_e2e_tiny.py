@@ -240,7 +240,10 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
         assert torch.get_num_threads() == cpu_threads(cfg.cpu_threads, 1)
     recipe_out = json.loads((tmp_path / "fastdiff.json").read_text())
     method_cfg = cfg.section
-    if cfg.method == "sid":  # one generator for 1..K steps, each on its own grid, derived by one scheduler
+    if cfg.method in (
+        "sid",
+        "uni",
+    ):  # one generator for 1..K steps, each on its own grid, derived by one scheduler
         from fastdiff.methods.sid import step_timesteps
 
         expected = step_timesteps(method_cfg.num_steps, method_cfg.init_timestep)

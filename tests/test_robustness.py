@@ -23,13 +23,19 @@ def _args(tiny_teachers, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_a_resumed_run_equals_the_uninterrupted_one_in_every_saved_tensor(tiny_teachers, tmp_path, monkeypatch):
+def test_a_resumed_run_equals_the_uninterrupted_one_in_every_saved_tensor(
+    tiny_teachers, tmp_path, monkeypatch
+):
     """Stopped at a checkpoint (as a kill -9 after it leaves it) and resumed: every tensor of the final checkpoint,
     EMA weights included (their warm-up counter is saved), is bit-identical to an uninterrupted run's."""
     monkeypatch.chdir(REPO)
     train(load_config(TINY_RECIPE, _args(tiny_teachers, tmp_path / "a", "max_steps=6")))
     train(load_config(TINY_RECIPE, _args(tiny_teachers, tmp_path / "b", "max_steps=3")))
-    train(load_config(TINY_RECIPE, _args(tiny_teachers, tmp_path / "b", "max_steps=6", "resume_from_checkpoint=latest")))
+    train(
+        load_config(
+            TINY_RECIPE, _args(tiny_teachers, tmp_path / "b", "max_steps=6", "resume_from_checkpoint=latest")
+        )
+    )
     for name in ("trainable.safetensors", "ema.safetensors"):
         a = load_file(str(tmp_path / "a/checkpoints/checkpoint-6" / name))
         b = load_file(str(tmp_path / "b/checkpoints/checkpoint-6" / name))
@@ -93,4 +99,6 @@ def test_data_errors_are_one_line_naming_the_file(tiny_teachers, tmp_path, capsy
         main(["--config", str(TINY_RECIPE), f"teacher={tiny_teachers['sdxl']}", f"dataset={table}",
               "caption_column=label", f"output_dir={tmp_path / 'out2'}", "max_steps=1"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "caption_column" in err[0] and err[0].startswith("fastdiff: error: dataset="), err
+    assert len(err) == 1 and "caption_column" in err[0] and err[0].startswith("fastdiff: error: dataset="), (
+        err
+    )

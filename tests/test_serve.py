@@ -232,7 +232,7 @@ def test_hot_add_and_remove(server, assets):
     assert client.delete("/v1/adapters/hot").status_code == 204
     assert "hot" not in [a["name"] for a in client.get("/v1/adapters").json()["data"]]
     r = client.post("/v1/images/generations", json={"prompt": "x", "adapters": [{"name": "hot"}]})
-    assert r.status_code == 404 and "hot" in r.json()["detail"]
+    assert r.status_code == 404 and "hot" in r.json()["error"]["message"]
     # the same name again (a new registration), from a folder holding pytorch_lora_weights.safetensors
     (assets["root"] / "late_dir").mkdir()
     shutil.copy(assets["a"]["diffusers"], assets["root"] / "late_dir")
@@ -334,11 +334,11 @@ def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(server, asse
     shutil.copy(assets["b"]["diffusers"], root / "broken.safetensors")
     assert client.post("/v1/adapters", json={"path": "broken.safetensors"}).status_code == 201
     (root / "broken.safetensors").write_bytes(b"\x00" * 64)  # corrupted after registration
-    # an SD1.5 LoRA: the tiny SD1.5 and SDXL UNets share module names, so it registers, but its cross-attention
-    # projections have the wrong shapes for this base, which only loading finds out
+    # an SD1.5 LoRA swapped in after registration: registration checks shapes, so only loading finds it out
     random_lora("sd15", tmp_path / "sd15", seed=3)
-    shutil.copy(tmp_path / "sd15/pytorch_lora_weights.safetensors", root / "sd15_style.safetensors")
+    shutil.copy(assets["b"]["diffusers"], root / "sd15_style.safetensors")
     assert client.post("/v1/adapters", json={"path": "sd15_style.safetensors"}).status_code == 201
+    shutil.copy(tmp_path / "sd15/pytorch_lora_weights.safetensors", root / "sd15_style.safetensors")
     status_500 = 'fastdiff_requests_total{method="POST",path="/v1/images/generations",status="500"}'
     failures = metric(client, status_500)
     for name in ("broken", "sd15_style"):

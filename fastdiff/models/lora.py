@@ -331,16 +331,19 @@ def _key_format(key: str) -> str | None:
     return None
 
 
-def validate_lora_file(path: str | Path, unet: nn.Module | None = None) -> str:
+def validate_lora_file(path: str | Path, unet: nn.Module | None = None, check_shapes: bool = False) -> str:
     """Check a LoRA file before loading it and return its format: ``"diffusers"`` or ``"kohya"``.
 
     Args:
         path: a ``.safetensors`` file (pickle formats are refused: loading them can run code).
         unet: if given, every UNet module the LoRA targets must exist in it (after diffusers' own kohya/SGM key
             conversion, i.e. as ``load_lora_weights`` would map them).
+        check_shapes: with ``unet``, also every ``lora_A`` / ``lora_B`` tensor of a linear or conv module must have
+            the shape peft gives that module's LoRA (``_lora_shape``): what loading it would otherwise fail on.
 
     Raises:
-        LoRAFormatError: wrong suffix, keys of neither format (or of both), or modules the UNet lacks.
+        LoRAFormatError: wrong suffix, keys of neither format (or of both), modules the UNet lacks, or a tensor
+            of the wrong shape (naming the first such key, in sorted order).
     """
     from safetensors import safe_open
 
@@ -365,11 +368,11 @@ def validate_lora_file(path: str | Path, unet: nn.Module | None = None) -> str:
         examples = {fmt: ks[:2] for fmt, ks in by_format.items()}
         raise LoRAFormatError(f"{path}: mixes diffusers and kohya keys {examples}; {_EXPECTED}")
     if unet is not None:
-        _check_targets(path, unet, keys)
+        _check_targets(path, unet, keys, check_shapes)
     return next(iter(by_format))
 
 
-def _check_targets(path: Path, unet: nn.Module, keys: list[str]) -> None:
+def _check_targets(path: Path, unet: nn.Module, keys: list[str], check_shapes: bool) -> None:
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
@@ -382,7 +385,8 @@ def _check_targets(path: Path, unet: nn.Module, keys: list[str]) -> None:
     except Exception as e:  # diffusers' key conversion failing is a format problem of the file
         raise LoRAFormatError(f"{path}: diffusers cannot map its keys onto a UNet ({e}); {_EXPECTED}") from e
     targets = {k.rsplit(".lora_", 1)[0] for k in sd}
-    foreign = sorted(targets - {n for n, _ in unet.named_modules()})
+    modules = dict(unet.named_modules())
+    foreign = sorted(targets - set(modules))
     if foreign:
         prefixes = tuple(p for m in foreign for p in (f"unet.{m}.", f"lora_unet_{m.replace('.', '_')}."))
         bad_keys = [k for k in keys if k.startswith(prefixes)][:5]
@@ -390,6 +394,51 @@ def _check_targets(path: Path, unet: nn.Module, keys: list[str]) -> None:
             f"{path}: {len(foreign)} LoRA target modules do not exist in this UNet, e.g. {foreign[:5]}"
             f"{f' (keys {bad_keys})' if bad_keys else ''}; a LoRA for another model family?"
         )
+    for key in sorted(sd) if check_shapes else ():
+        module, part = key.rsplit(".lora_", 1)
+        down = sd.get(f"{module}.lora_A.weight")
+        rank = down.shape[0] if down is not None and down.ndim else None
+        expected = _lora_shape(modules[module], part, rank)
+        if expected is not None and tuple(sd[key].shape) != expected:
+            base = getattr(modules[module], "base_layer", modules[module])
+            raise LoRAFormatError(
+                f"{path}: LoRA key {_file_key(module, part, keys)!r} has shape {tuple(sd[key].shape)}, but this "
+                f"UNet's {module} ({base}) needs {expected}; a LoRA for another model family?"
+            )
+
+
+def _lora_shape(module: nn.Module, part: str, rank: int | None) -> tuple[int, ...] | None:
+    """The shape peft gives ``part`` (``"A.weight"``, ``"B.weight"``, ``"B.bias"``) of a rank-``rank`` LoRA on
+    ``module`` (a linear or conv layer, or a peft layer wrapping one); None where it is not checked (other layer
+    kinds, or no ``lora_A`` to read the rank from)."""
+    base = getattr(module, "base_layer", module)
+    if rank is None and part != "B.bias":
+        return None
+    if isinstance(base, nn.Linear):
+        shapes = {"A.weight": (rank, base.in_features), "B.weight": (base.out_features, rank)}
+    elif isinstance(base, nn.Conv2d):
+        shapes = {
+            "A.weight": (rank, base.in_channels, *base.kernel_size),
+            "B.weight": (base.out_channels, rank, 1, 1),
+        }
+    else:
+        return None
+    out_features = shapes["B.weight"][0]
+    return {**shapes, "B.bias": (out_features,)}.get(part)
+
+
+def _file_key(module: str, part: str, keys: list[str]) -> str:
+    """The file's own key of ``module``'s LoRA ``part`` (diffusers, legacy ``lora.down``/``up`` or kohya names), or
+    the converted key where the file names it otherwise."""
+    legacy = {"A.weight": "lora.down.weight", "B.weight": "lora.up.weight", "B.bias": "lora.up.bias"}
+    kohya = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight", "B.bias": "lora_up.bias"}
+    candidates = (
+        f"unet.{module}.lora_{part}",
+        f"unet.{module}.{legacy[part]}",
+        f"lora_unet_{module.replace('.', '_')}.{kohya[part]}",
+    )
+    present = set(keys)
+    return next((k for k in candidates if k in present), f"{module}.lora_{part}")
 
 
 def unique_parameter_bytes(*modules: nn.Module) -> int:

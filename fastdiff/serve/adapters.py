@@ -3,7 +3,10 @@
 Names are looked up here and nowhere else: a request names an adapter, never a path. Paths come from the server's
 adapters root only (the startup scan, or ``POST /v1/adapters`` with a path that must resolve, symlinks included,
 inside that root). Only ``.safetensors`` files are registered; their keys are checked at registration (diffusers
-and kohya formats, see ``fastdiff.models.lora.validate_lora_file``), their weights are read when first used.
+and kohya formats, see ``fastdiff.models.lora.validate_lora_file``), their weights are read when first used, from
+the path ``Registry.loadable`` resolves and checks again at that moment (a symlink swapped in after registration
+cannot point a load outside the root). A path that cannot even be looked up (a NUL byte, a lone surrogate, a
+symlink loop, a name over the file system's limit) is a 400; the startup scan skips any bad entry with a warning.
 
 A fastdiff export (a folder with ``fastdiff.json`` and ``lora/``) carries its sampling recipe: scheduler, step count,
 timesteps, guidance and LoRA scale, and per step count possibly a LoRA of its own (``lora/<k>step/``, checked at
@@ -30,7 +33,7 @@ from ..models.lora import DIFFUSERS_WEIGHT_NAME, LoRAFormatError, validate_lora_
 from ..recipe import RECIPE_FILE, Recipe, make_scheduler, pipeline_dir, read_recipe, scheduler_class
 
 logger = logging.getLogger("fastdiff.serve")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _UIDS = itertools.count(1)
 
 
@@ -38,10 +41,27 @@ class RequestError(Exception):
     """A request the server refuses (a bad registration, an unknown adapter, a value out of range); ``status`` is
     its HTTP status."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.param = param  # the request field at fault, if one is
+
+
+def _resolve(path: Path, given: str | Path) -> Path:
+    """``path.resolve()``, a RequestError (400) for a path that cannot be looked up (``given`` is what the client
+    sent)."""
+    try:
+        return path.resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # NUL byte, lone surrogate, symlink loop, name too long
+        raise RequestError(400, f"{str(given)!r}: not a usable path ({type(e).__name__}: {e})") from None
+
+
+def _exists(path: Path, given: str | Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError) as e:
+        raise RequestError(400, f"{str(given)!r}: not a usable path ({type(e).__name__}: {e})") from None
 
 
 @dataclass(frozen=True)
@@ -214,29 +234,36 @@ class Registry:
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir() and not self._is_adapter_folder(entry):
-                continue
-            if entry.is_file() and entry.suffix != ".safetensors":
-                if entry.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-                    self._skip(entry, "only .safetensors adapters are loaded (pickle formats can run code)")
-                continue
             try:
+                if entry.is_dir() and not self._is_adapter_folder(entry):
+                    continue
+                if entry.is_file() and entry.suffix != ".safetensors":
+                    if entry.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+                        self._skip(
+                            entry, "only .safetensors adapters are loaded (pickle formats can run code)"
+                        )
+                    continue
                 added.append(self.register(entry))
             except RequestError as e:
                 self._skip(entry, e.message)
+            except Exception as e:  # any other bad entry: the server starts without it
+                self._skip(entry, f"{type(e).__name__}: {e}")
         return added
 
     def register(self, path: str | Path, name: str | None = None) -> Adapter:
         """Register a file or folder inside the root under ``name`` (default: its file stem / folder name)."""
         source = self._inside_root(path)
         name = name if name is not None else (source.stem if source.is_file() else source.name)
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise RequestError(
                 422,
                 f"adapter name {name!r} is not allowed: 1-64 characters of letters, digits, '_', '-', '.', "
                 "starting with a letter or digit",
             )
-        adapter = self._load_entry(name, source)
+        try:
+            adapter = self._load_entry(name, source)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # e.g. a malformed recipe
+            raise RequestError(400, f"{source}: cannot be registered ({type(e).__name__}: {e})") from None
         with self._lock:
             if name in self._adapters:
                 raise RequestError(409, f"adapter {name!r} is already registered; DELETE it first")
@@ -245,7 +272,7 @@ class Registry:
         return adapter
 
     def _skip(self, path: Path, reason: str) -> None:
-        logger.warning("adapter %s skipped: %s", path, reason)
+        logger.warning("adapter %r skipped: %s", str(path), reason)
         self.skipped.append({"path": str(path), "error": reason})
 
     @staticmethod
@@ -255,11 +282,27 @@ class Registry:
     def _inside_root(self, path: str | Path) -> Path:
         raw = Path(path)
         candidate = raw if raw.is_absolute() else self.root / raw
-        resolved = candidate.resolve()
+        resolved = _resolve(candidate, path)
         if not resolved.is_relative_to(self.root):
             raise RequestError(400, f"{path}: adapters are registered only from inside {self.root}")
-        if not resolved.exists():
+        if not _exists(resolved, path):
             raise RequestError(400, f"{path}: no such file or folder under {self.root}")
+        return resolved
+
+    def loadable(self, path: Path) -> Path:
+        """A registered weights file, resolved again now: still a file inside the root and within the size limit
+        (the worker calls this before every load, so a symlink swapped in after registration is refused)."""
+        resolved = _resolve(path, path)
+        if not resolved.is_relative_to(self.root):
+            raise RequestError(
+                400, f"{path} now resolves to {resolved}, outside the adapters root {self.root}"
+            )
+        if not resolved.is_file():
+            raise RequestError(400, f"{path} is no longer a file inside {self.root}")
+        if resolved.stat().st_size > self.max_adapter_bytes:
+            raise RequestError(
+                413, f"{path} is now over the server's adapter size limit ({self.max_adapter_bytes})"
+            )
         return resolved
 
     def _weights(self, path: Path) -> tuple[str, int]:
@@ -269,7 +312,7 @@ class Registry:
                 400,
                 f"{path.name}: only .safetensors adapters are loaded (got {path.suffix or 'no suffix'!r})",
             )
-        if not path.resolve().is_relative_to(self.root) or not path.is_file():
+        if not _resolve(path, path).is_relative_to(self.root) or not path.is_file():
             raise RequestError(400, f"{path}: not a file inside {self.root}")
         nbytes = path.stat().st_size
         if nbytes > self.max_adapter_bytes:
@@ -324,7 +367,7 @@ class Registry:
                 400,
                 f"{folder}: this export's student is a full UNet, not a LoRA; serve its pipeline/ as --base instead",
             )
-        weights = (folder / recipe["lora"]).resolve()
+        weights = _resolve(folder / recipe["lora"], recipe["lora"])
         if not weights.is_relative_to(folder.resolve()):
             raise RequestError(
                 400, f"{folder}: {RECIPE_FILE} points its LoRA outside the export ({recipe['lora']})"
@@ -333,7 +376,7 @@ class Registry:
         variants = {}
         for steps, r in sorted((recipe.get("recipes") or {}).items()):
             if r.get("lora"):  # a LoRA of this step count's own, e.g. TSCD's lora/<k>step/
-                path = (folder / r["lora"] / DIFFUSERS_WEIGHT_NAME).resolve()
+                path = _resolve(folder / r["lora"] / DIFFUSERS_WEIGHT_NAME, r["lora"])
                 if not path.is_relative_to(folder.resolve()):
                     raise RequestError(
                         400,
@@ -378,7 +421,7 @@ class Registry:
         inside = folder.resolve()
         variants = {}
         for i, lora in enumerate(loras):
-            path = (folder / lora / DIFFUSERS_WEIGHT_NAME).resolve()
+            path = _resolve(folder / lora / DIFFUSERS_WEIGHT_NAME, lora)
             if not path.is_relative_to(inside):
                 raise RequestError(
                     400, f"{folder}: {RECIPE_FILE} points student {i}'s LoRA outside the export ({lora})"
@@ -406,7 +449,7 @@ class Registry:
         without the students' weights (the adapter serves them from ``lora/``): only its table and centroids."""
         from ..paths import pipeline_module
 
-        path = (folder / subfolder).resolve()
+        path = _resolve(folder / subfolder, subfolder)
         if not path.is_relative_to(folder.resolve()) or not (path / "config.json").is_file():
             raise RequestError(
                 400,

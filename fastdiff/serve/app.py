@@ -12,9 +12,26 @@ LoRA serves all its images; the response's ``fastdiff.student`` says which (null
 for a step count an export was not trained for is a 422 naming the counts it was; one asking CFG of an export trained
 without it is served, with the response's ``warnings`` saying so.
 
-Statuses: 401 missing/wrong bearer token; 404 unknown adapter; 409 adapter name taken; 400 a path or file that
-cannot be registered; 413 request body or adapter file over the limit; 422 a field out of range or malformed;
-503 queue full; 500 a generation that failed (the server keeps serving).
+Every error body has the OpenAI API's shape, ``{"error": {"message", "type", "param", "code"}}`` (so OpenAI
+clients show the message), and every JSON body is ASCII (a lone surrogate in a client's string cannot break it).
+The OpenAI parameters ``user``, ``quality`` and ``style`` are accepted and ignored.
+
+Statuses: 400 a path or file that cannot be registered (outside the root, unreadable, a NUL byte, a symlink loop,
+a name too long; a LoRA whose keys or tensor shapes do not fit the base UNet, naming the first such key);
+401 missing/wrong bearer token; 404 unknown adapter; 409 adapter name taken; 413 request body or adapter file over
+the limit; 415 a POST whose Content-Type is not application/json (a web page cannot send one without the browser
+asking first); 422 a field out of range, non-finite or malformed, or a prompt that cannot be encoded (a lone
+surrogate, a NUL character), refused before it joins a batch; 503 queue full; 504 a generation not done within
+``generation_timeout_s`` (the job is dropped if not yet started, its images thrown away otherwise); 500 a
+generation that failed (e.g. an adapter file corrupted after registration, or now resolving outside the root). A
+failed batch of several requests is run again request by request, so only the culprit gets its 500
+(``worker.py``). A request whose client went away before its job ran is dropped unrun (counted as status 499).
+
+Exposure: ``serve`` refuses a non-loopback ``--host`` without a token unless ``--insecure``. uvicorn closes idle
+keep-alive connections after 5 s (its ``timeout_keep_alive``) and refuses a request head over h11's 16 KiB
+(``h11_max_incomplete_event_size``), but has no timeout on a client sending its head slowly: the server's h11
+protocol (``header_timeout_protocol``) closes a connection whose request head is not complete ``header_timeout_s``
+after it opened or after its previous response.
 """
 
 from __future__ import annotations
@@ -24,20 +41,26 @@ import base64
 import dataclasses
 import hmac
 import io
+import ipaddress
+import json
 import logging
 import os
 import re
 import secrets
 import time
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..recipe import Recipe
 from .adapters import Registry, RequestError, Sampling, sampling_for
@@ -74,13 +97,67 @@ class ServeConfig:
     max_guidance_scale: float = 30.0
     max_body_bytes: int = 1 << 20
     max_adapter_bytes: int = 2 << 30
+    generation_timeout_s: float = 300.0  # a request whose images are not done by then gets 504
+    header_timeout_s: float = 10.0  # to send a request head in (header_timeout_protocol)
+    insecure: bool = False  # allow a non-loopback host without a token
     log_level: str = "info"
+
+
+class ExposureError(ValueError):
+    """A server reachable from other machines, without a token, and not started with ``insecure``."""
+
+
+def check_exposure(config: ServeConfig) -> None:
+    """Refuse a host reachable from other machines without a bearer token, unless ``config.insecure``."""
+    if config.insecure or _token(config) is not None or _is_loopback(config.host):
+        return
+    raise ExposureError(
+        f"--host {config.host} is reachable from other machines, and no --token (or ${TOKEN_ENV}) is set: give "
+        "a token, or --insecure to serve anyone who can connect"
+    )
+
+
+def _token(config: ServeConfig) -> str | None:
+    return config.token if config.token is not None else os.environ.get(TOKEN_ENV) or None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    """An error in the OpenAI API's shape: ``type`` from the status class, ``code`` the status's name."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    if status == 401:
+        kind = "authentication_error"
+    try:
+        code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+    except ValueError:
+        code = None
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class ASCIIJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped, so a lone surrogate (a client's string, an odd file name) in a
+    message cannot make the body itself fail to encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _error(status: int, message: str, param: str | None = None, headers=None) -> ASCIIJSONResponse:
+    return ASCIIJSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 class AdapterRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64)
-    weight: float | None = Field(default=None, ge=-10.0, le=10.0)
+    weight: float | None = Field(default=None, ge=-10.0, le=10.0, allow_inf_nan=False)
 
 
 class GenerationRequest(BaseModel):
@@ -91,10 +168,13 @@ class GenerationRequest(BaseModel):
     response_format: Literal["b64_json"] = "b64_json"
     adapters: list[AdapterRef] = Field(default_factory=list)
     steps: int | None = Field(default=None, ge=1)
-    guidance_scale: float | None = Field(default=None, ge=0.0)
+    guidance_scale: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     negative_prompt: str | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     model: str | None = None  # OpenAI clients send it; the served model is the server's base
+    user: str | None = None  # OpenAI parameters that mean nothing here: accepted and ignored
+    quality: str | None = None
+    style: str | None = None
 
 
 class RegisterRequest(BaseModel):
@@ -111,8 +191,13 @@ def _path_label(path: str) -> str:
     return "other"
 
 
+def _is_json(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type.split(b";")[0].strip().lower() == b"application/json"
+
+
 class _Middleware:
-    """Pure ASGI: refuse bodies over ``max_body_bytes`` (413) and count every response by path and status."""
+    """Pure ASGI: refuse bodies over ``max_body_bytes`` (413) and POSTs that are not JSON (415), and count every
+    response by path and status."""
 
     def __init__(self, app, metrics: Metrics, max_body_bytes: int):
         self.app = app
@@ -131,14 +216,17 @@ class _Middleware:
                 status["code"] = message["status"]
             await send(message)
 
-        async def reject():
-            msg = f"request body is over the server's limit of {self.max_body_bytes} bytes"
-            await JSONResponse({"detail": msg}, status_code=413)(scope, receive, send_counted)
+        async def reject(code: int, message: str):
+            await _error(code, message)(scope, receive, send_counted)
 
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         try:
             if length is not None and int(length) > self.max_body_bytes:
-                await reject()
+                await reject(413, f"request body is over the server's limit of {self.max_body_bytes} bytes")
+                return
+            if scope["method"] == "POST" and not _is_json(headers.get(b"content-type")):
+                await reject(415, "a POST body must be JSON, sent with Content-Type: application/json")
                 return
             received = 0
 
@@ -158,16 +246,38 @@ class _Middleware:
             self.metrics.observe_request(scope["method"], path, status["code"], seconds)
 
 
+def _check_text(field_name: str, text: str, limit: int) -> None:
+    """A prompt the pipeline can encode: at most ``limit`` characters, no NUL, no lone surrogate (422 otherwise:
+    refused here, it cannot fail the batch it would have joined)."""
+    if len(text) > limit:
+        raise RequestError(
+            422, f"{field_name} has {len(text)} characters; the server's limit is {limit}", field_name
+        )
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise RequestError(422, f"{field_name} holds a NUL character (at character {nul})", field_name)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            422,
+            f"{field_name} is not valid Unicode text: a lone surrogate at character {e.start}",
+            field_name,
+        ) from None
+
+
 def _parse_size(size: str | None, default: int, limit: int) -> tuple[int, int]:
     if size is None:
         return default, default
     m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size.strip())
     if not m:
-        raise RequestError(422, f"size {size!r} is not WIDTHxHEIGHT in pixels, e.g. '{default}x{default}'")
+        raise RequestError(
+            422, f"size {size!r} is not WIDTHxHEIGHT in pixels, e.g. '{default}x{default}'", "size"
+        )
     w, h = int(m.group(1)), int(m.group(2))
     if not (8 <= w <= limit and 8 <= h <= limit) or w % 8 or h % 8:
         raise RequestError(
-            422, f"size {size!r}: each side must be a multiple of 8 between 8 and {limit} pixels"
+            422, f"size {size!r}: each side must be a multiple of 8 between 8 and {limit} pixels", "size"
         )
     return w, h
 
@@ -205,17 +315,18 @@ def create_app(config: ServeConfig, pipe=None):
         raise ValueError("cache_size and max_batch_images must be at least 1")
     if pipe is None:
         pipe = load_pipeline(config.base, config.device, config.dtype)
-    token = config.token if config.token is not None else os.environ.get(TOKEN_ENV) or None
+    token = _token(config)
     metrics = Metrics()
     worker_box: dict = {}
 
     def check(path) -> None:
-        """A LoRA's target modules must exist in the base UNet, and a LoRA recording its base (an export's) must
-        be on that base (read on the worker thread once it runs)."""
+        """A LoRA's target modules must exist in the base UNet, its tensors must have the shapes those modules
+        need, and a LoRA recording its base (an export's) must be on that base (read on the worker thread once it
+        runs)."""
         worker = worker_box.get("worker")
 
         def fn(p):
-            validate_lora_file(path, p.unet)
+            validate_lora_file(path, p.unet, check_shapes=True)
             try:
                 check_lora_folder(p.unet, path)
             except ValueError as e:
@@ -234,6 +345,7 @@ def create_app(config: ServeConfig, pipe=None):
         metrics,
         lambda a: a in registry,
         config.mix_adapters,
+        registry.loadable,
     )
     worker_box["worker"] = worker
     default_size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -247,13 +359,34 @@ def create_app(config: ServeConfig, pipe=None):
         finally:
             await run_in_threadpool(worker.stop)
 
-    app = FastAPI(title="fastdiff serve", lifespan=lifespan)
+    app = FastAPI(title="fastdiff serve", lifespan=lifespan, default_response_class=ASCIIJSONResponse)
     app.state.registry, app.state.worker, app.state.metrics, app.state.pipe = registry, worker, metrics, pipe
     app.add_middleware(_Middleware, metrics=metrics, max_body_bytes=config.max_body_bytes)
 
     @app.exception_handler(RequestError)
-    async def adapter_error(request: Request, exc: RequestError):
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+    async def request_error(request: Request, exc: RequestError):
+        return _error(exc.status, exc.message, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        """422 naming each bad field and why, never echoing the value (it may be NaN or a lone surrogate)."""
+        problems, params = [], []
+        for e in exc.errors():
+            loc = [str(x) for x in e["loc"] if x != "body"]
+            if e["type"] == "json_invalid":
+                problems.append(f"the body is not valid JSON ({(e.get('ctx') or {}).get('error', e['msg'])})")
+                continue
+            params.append(".".join(loc) or None)
+            problems.append(f"{'.'.join(loc) or 'body'}: {e['msg']}")
+        return _error(422, "; ".join(problems), params[0] if params else None)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception):
+        return _error(500, f"internal server error ({type(exc).__name__})")
 
     def auth(request: Request) -> None:
         if token is None:
@@ -272,39 +405,42 @@ def create_app(config: ServeConfig, pipe=None):
         c = config
         warnings = []
         if req.n > c.max_n:
-            raise RequestError(422, f"n={req.n} is over the server's limit of {c.max_n} images per request")
+            raise RequestError(
+                422, f"n={req.n} is over the server's limit of {c.max_n} images per request", "n"
+            )
         for field_name in ("prompt", "negative_prompt"):
             text = getattr(req, field_name)
-            if text is not None and len(text) > c.max_prompt_chars:
-                raise RequestError(
-                    422,
-                    f"{field_name} has {len(text)} characters; the server's limit is {c.max_prompt_chars}",
-                )
+            if text is not None:
+                _check_text(field_name, text, c.max_prompt_chars)
         if req.steps is not None and req.steps > c.max_steps:
-            raise RequestError(422, f"steps={req.steps} is over the server's limit of {c.max_steps}")
+            raise RequestError(422, f"steps={req.steps} is over the server's limit of {c.max_steps}", "steps")
         if req.guidance_scale is not None and req.guidance_scale > c.max_guidance_scale:
             raise RequestError(
                 422,
                 f"guidance_scale={req.guidance_scale} is over the server's limit of {c.max_guidance_scale}",
+                "guidance_scale",
             )
         width, height = _parse_size(req.size, default_size, c.max_size)
         names = [a.name for a in req.adapters]
         if len(set(names)) != len(names):
-            raise RequestError(422, f"adapters: each adapter may appear once, got {names}")
+            raise RequestError(422, f"adapters: each adapter may appear once, got {names}", "adapters")
         if len(names) > c.cache_size:
-            raise RequestError(422, f"adapters: at most {c.cache_size} per request (the server's cache size)")
+            raise RequestError(
+                422, f"adapters: at most {c.cache_size} per request (the server's cache size)", "adapters"
+            )
         chosen = [(registry.get(a.name), a.weight) for a in req.adapters]
         exports = [a for a, _ in chosen if a.recipe is not None]
         if len(exports) > 1:
             raise RequestError(
                 422,
                 f"adapters: at most one fastdiff export per request (its recipe sets the sampler), got {[a.name for a in exports]}",
+                "adapters",
             )
         if exports:
             try:
                 sampling = sampling_for(exports[0], req.steps, req.guidance_scale)
             except ValueError as e:
-                raise RequestError(422, str(e)) from None
+                raise RequestError(422, str(e), "steps") from None
             warning = Recipe.from_json(exports[0].recipe).cfg_warning(req.guidance_scale)
             if warning:
                 logger.warning("%s: %s", exports[0].name, warning)
@@ -343,8 +479,31 @@ def create_app(config: ServeConfig, pipe=None):
         sampling = dataclasses.replace(key.sampling, lora=adapter.student_lora(student))
         return dataclasses.replace(key, sampling=sampling), student
 
+    async def outcome(request: Request, future: Future):
+        """The job's images, or None if the client went away first; 504 past ``generation_timeout_s``. Either
+        way the job is cancelled: the worker drops it unrun if it has not taken it yet."""
+        result = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait(
+                {result, gone}, timeout=config.generation_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            gone.cancel()
+        if result in done:
+            try:
+                return result.result()
+            except Exception as e:
+                raise HTTPException(500, f"generation failed: {type(e).__name__}: {e}") from None
+        result.cancel()  # cancels the job too, unless it runs already (then its images are thrown away)
+        if gone in done:
+            return None
+        raise HTTPException(
+            504, f"the generation did not finish within the server's limit of {config.generation_timeout_s} s"
+        )
+
     @app.post("/v1/images/generations", dependencies=[Depends(auth)])
-    async def generations(req: GenerationRequest):
+    async def generations(req: GenerationRequest, request: Request):
         key, seed, warnings = plan(req)
         key, student = await route(key, req.prompt)
         job = Job(key, req.prompt, req.negative_prompt, req.n, seed)
@@ -352,10 +511,9 @@ def create_app(config: ServeConfig, pipe=None):
             future = worker.submit(job)
         except Unavailable as e:
             raise HTTPException(503, str(e), {"Retry-After": "1"}) from None
-        try:
-            images = await asyncio.wrap_future(future)
-        except Exception as e:
-            raise HTTPException(500, f"generation failed: {type(e).__name__}: {e}") from None
+        images = await outcome(request, future)
+        if images is None:  # nobody to answer; 499 (nginx's "client closed request") counts it in /metrics
+            return Response(status_code=499)
         b64 = await run_in_threadpool(encode, images)
         s = key.sampling
         return {
@@ -411,14 +569,78 @@ def create_app(config: ServeConfig, pipe=None):
     return app
 
 
-def serve(config: ServeConfig) -> None:
-    """Load the base, register the adapters and serve until interrupted."""
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away (its body is read: what ``receive`` gives now is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request head (request line and headers) is not complete
+    ``seconds`` after the connection opened or after its previous response. uvicorn's own ``timeout_keep_alive``
+    runs only between requests and stops at the first byte received, so a client sending its head a byte at a time
+    would otherwise hold the connection open forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the head is in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(seconds, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol
+
+
+def uvicorn_config(app, config: ServeConfig, **kwargs):
+    """The ``uvicorn.Config`` serving ``app``: ``config``'s host, port and log level, and the h11 protocol with
+    the header-read timeout (``kwargs`` go to uvicorn, e.g. ``log_level``)."""
     import uvicorn
 
+    settings = dict(host=config.host, port=config.port, log_level=config.log_level)
+    return uvicorn.Config(
+        app, http=header_timeout_protocol(config.header_timeout_s), **{**settings, **kwargs}
+    )
+
+
+def serve(config: ServeConfig) -> None:
+    """Check the exposure, load the base, register the adapters and serve until interrupted."""
+    import uvicorn
+
+    check_exposure(config)
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     if not Path(config.adapters).is_dir():
         raise FileNotFoundError(f"adapters folder not found: {config.adapters}")
     app = create_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    uvicorn.Server(uvicorn_config(app, config)).run()

@@ -7,6 +7,11 @@ or (``mix_adapters``) at most one adapter each: then every image is routed to it
 layer (peft's mixed-adapter batches, ``adapter_names``), the base layers run once for all. Each image has its own
 ``torch.Generator`` seeded with ``seed + index``: its noise does not depend on what it is batched with.
 
+A request fails alone: when a batch of several requests fails (an adapter that does not load, a prompt the
+pipeline refuses), each of its requests runs again on its own, so only the culprit gets the error and the others
+the images they would have got alone. A job whose future was cancelled before the worker took it (its client left,
+or the server stopped waiting for it) is dropped unrun (``Future.set_running_or_notify_cancel``).
+
 Adapters load lazily (``load_lora_weights(adapter_name=...)``) into an LRU cache of ``cache_size`` adapters; a
 switch sets the active adapters and their scales on weights already in memory (``_switch``), never a reload of
 the base. An export with a LoRA of its own for some step counts has one cache entry per LoRA it was used with
@@ -27,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -104,6 +110,8 @@ class Worker(threading.Thread):
         metrics: a ``Metrics`` (adapter loads/evictions, batch sizes).
         is_registered: adapter -> whether it is still registered (deleted adapters are evicted).
         mix_adapters: batch requests of different single adapters together (peft's per-image ``adapter_names``).
+        resolve_weights: weights path -> the path to load now, checked again before every load (e.g.
+            ``Registry.loadable``: still inside the adapters root); None loads the registered path as it is.
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class Worker(threading.Thread):
         metrics,
         is_registered: Callable[[Adapter], bool],
         mix_adapters: bool = True,
+        resolve_weights: Callable[[Path], Path] | None = None,
     ):
         super().__init__(name="fastdiff-inference", daemon=True)
         self.pipe = pipe
@@ -126,6 +135,7 @@ class Worker(threading.Thread):
         self.metrics = metrics
         self.is_registered = is_registered
         self.mix_adapters = mix_adapters
+        self.resolve_weights = resolve_weights
         self.base_scheduler = pipe.scheduler
         # (adapter, its per-step LoRA or None) -> peft adapter name, LRU order, oldest first; worker thread only
         self.loaded: OrderedDict[tuple[Adapter, str | None], str] = OrderedDict()
@@ -192,7 +202,9 @@ class Worker(threading.Thread):
             batch = self._gather()
             if batch is None:
                 break
-            self._run_batch(batch)
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled jobs
+            if batch:
+                self._run_batch(batch)
             try:
                 self._evict_deleted()
             except Exception:  # keep serving; the cache is rebuilt from what the pipeline holds
@@ -273,6 +285,7 @@ class Worker(threading.Thread):
         key = batch[0].key
         images = sum(j.n for j in batch)
         hooks = []
+        error = None
         try:
             lora = key.sampling.lora  # the batch's per-step LoRA of an export (shared by every request)
             if all(j.key.adapters == key.adapters for j in batch):
@@ -306,15 +319,26 @@ class Worker(threading.Thread):
                 **kwargs,
             ).images
         except Exception as e:
-            logger.exception("generation failed (%d request(s))", len(batch))
-            self._recover()
-            for job in batch:
-                job.future.set_exception(e)
-            return
+            error = e
         finally:
             self.pipe.scheduler = self.base_scheduler
             for hook in hooks:
                 hook.remove()
+        if error is not None:
+            self._recover()
+            if len(batch) == 1:
+                logger.error("generation failed", exc_info=error)
+                batch[0].future.set_exception(error)
+            else:  # find the culprit: every request again on its own
+                logger.warning(
+                    "a batch of %d requests failed (%s: %s); running each alone",
+                    len(batch),
+                    type(error).__name__,
+                    error,
+                )
+                for job in batch:
+                    self._run_batch([job])
+            return
         self.metrics.observe_batch(images)
         start = 0
         for job in batch:
@@ -373,6 +397,8 @@ class Worker(threading.Thread):
             adapter, variant = entry
             path, name = adapter.weights_for(variant)
             try:
+                if self.resolve_weights is not None:
+                    path = self.resolve_weights(path)
                 with _quiet_peft():
                     self.pipe.load_lora_weights(
                         str(path.parent),
@@ -412,8 +438,13 @@ class Worker(threading.Thread):
                 layer.set_scale(name, weight)
 
     def _route(self, names: list[str]) -> list:
-        """peft's mixed-adapter batches: pass ``adapter_names`` (one per image; ``"__base__"`` for none) to every
-        LoRA layer's forward, repeated for the CFG halves ([unconditional, conditional], in prompt order)."""
+        """Route each image to its adapter (one peft name per image; ``"__base__"`` for none) in one pipeline call:
+        ``MultiLoRA`` per-row updates (``_multi_rows``), or, when an adapter has text-encoder LoRA layers, peft's
+        mixed-adapter batches: ``adapter_names`` passed to every LoRA layer's forward, repeated for the CFG halves
+        ([unconditional, conditional], in prompt order)."""
+        hooks = self._multi_rows(names)
+        if hooks is not None:
+            return hooks
         n = len(names)
 
         def add_names(module, args, kwargs):
@@ -425,6 +456,24 @@ class Worker(threading.Thread):
         return [
             layer.register_forward_pre_hook(add_names, with_kwargs=True) for layer in self._tuner_layers()
         ]
+
+    def _multi_rows(self, names: list[str]) -> list | None:
+        """The ``MultiLoRA`` hooks of a mixed batch: every image's rows get its adapter's update with the weight
+        ``_use_adapters`` just set, in the UNet's base layers; peft's layers are left inactive (``active`` then is
+        unknown). Its copies of the weights follow peft's cache (``sync_peft``). None for adapters with
+        text-encoder LoRA layers (MultiLoRA covers the UNet only)."""
+        from .multi_lora import MultiLoRA
+
+        weights = dict(self.active or ())
+        other = {n for c, ns in self.pipe.get_list_adapters().items() if c != "unet" for n in ns}
+        if other & set(weights):
+            return None
+        if getattr(self, "_multi_lora", None) is None:
+            self._multi_lora = MultiLoRA(self.pipe.unet)
+        self._multi_lora.sync_peft(weights)
+        self._switch([], [])
+        self.active = None
+        return self._multi_lora.attach([[(n, weights[n])] if n in weights else [] for n in names])
 
     def _tuner_layers(self) -> list:
         if self._layers is None:
