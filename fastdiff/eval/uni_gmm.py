@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..methods.uni_instruct import UniConfig, UniInstruct
+from ..methods.uni import UniConfig, UniInstruct
 from ..models.gmm import GMM
 from ..models.heads import DiscriminatorHead
 from .gmm_metrics import gmm_report
@@ -80,9 +80,10 @@ def run_one(system: str, seed: int, steps: int, per_class: int) -> dict:
     gmm = paired_gmm()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        if system == "dmd2":
+        kind = system.partition(":")[0]
+        if kind in ("dmd2",):
             report = bench_gmm.train_and_evaluate(tmp, seed=seed, max_steps=steps, per_class=per_class)
-        elif system == "sid":
+        elif kind in ("sid",):
             method = sid_gmm.train_sid(gmm, NUM_CLASSES, student_config(1, 3e-4), steps, seed, tmp)
             report = evaluate(method, gmm, per_class)
         elif system.startswith("uni:"):

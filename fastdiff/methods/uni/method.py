@@ -18,7 +18,7 @@ Critic (fake score, then generator, 1:1 as SiD): SiD's fake-score loss, plus the
     teacher samples drawn with ``teacher_sample_steps`` deterministic DDIM steps (the teacher with CFG κ4).
     At the optimum D = log p_t - log q_t: the logit is log r.
 
-Reductions (tests/methods/test_uni_instruct.py): divergence=reverse_kl, kl_weight=1, score_weight=0 gives DMD2's
+Reductions (tests/methods/test_uni.py): divergence=reverse_kl, kl_weight=1, score_weight=0 gives DMD2's
 generator gradient; reverse_kl, kl_weight=0, score_weight=1 gives SiD's.
 
 What is ours, not the paper's (the paper's Theorem 3.2 could not be read in full here): the score branch multiplies
