@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 
 from fastdiff.eval.bench_serve import random_lora  # noqa: E402
 from fastdiff.serve.adapters import Adapter, sampling_for  # noqa: E402
-from fastdiff.serve.app import ServeConfig, create_app  # noqa: E402
+from fastdiff.serve.app import ServeConfig, create_app, uvicorn_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token"
@@ -109,28 +109,36 @@ def config(assets, **kw) -> ServeConfig:
 
 
 @contextmanager
-def running(cfg: ServeConfig):
+def serving(cfg: ServeConfig, app=None, **uvicorn_kwargs):
+    """``cfg`` served on a free loopback port with ``uvicorn_config`` (the header-read timeout included); yields an
+    authenticated client, the app and the port."""
     import uvicorn
 
-    app = create_app(cfg)
+    app = create_app(cfg) if app is None else app
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, cfg, log_level="warning", **uvicorn_kwargs))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
+    port = sock.getsockname()[1]
     try:
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", headers=AUTH, timeout=120
-        ) as c:
-            yield c, app
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=120) as c:
+            yield c, app, port
     finally:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@contextmanager
+def running(cfg: ServeConfig):
+    """``serving`` yielding (client, app)."""
+    with serving(cfg) as (client, app, _):
+        yield client, app
 
 
 @pytest.fixture(scope="module")

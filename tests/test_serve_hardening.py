@@ -18,15 +18,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import AUTH, TOKEN, config, generate, metric  # noqa: E402
+from test_serve import TOKEN, config, generate, metric, serving  # noqa: E402
 
 from fastdiff.eval.bench_serve import random_lora  # noqa: E402
 from fastdiff.serve.app import (  # noqa: E402
     ExposureError,
     ServeConfig,
     check_exposure,
-    create_app,
-    uvicorn_config,
 )
 
 GEN = "/v1/images/generations"
@@ -57,32 +55,6 @@ def assets(tiny_teachers, tmp_path_factory):
     (root / "dirloop").symlink_to(root / "dirloop")
     return {"base": tiny_teachers["sdxl"], "root": root, "tmp": tmp, "a": a, "b": b, "sd15": sd15,
             "wrong_shape": tmp / "wrong_shape.safetensors", "bad_key": bad_key}  # fmt: skip
-
-
-@contextmanager
-def serving(cfg: ServeConfig, app=None, **uvicorn_kwargs):
-    """``cfg`` served on a free loopback port with ``uvicorn_config`` (the header-read timeout included); yields an
-    authenticated client, the app and the port."""
-    import uvicorn
-
-    app = create_app(cfg) if app is None else app
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, cfg, log_level="warning", **uvicorn_kwargs))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = sock.getsockname()[1]
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=120) as c:
-            yield c, app, port
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
