@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 LIB = Path(__file__).resolve().parents[1] / "fastdiff"
-METHOD_NAME = re.compile(r"""(==|!=)\s*["'](agd|dmd2|sid|tscd|lcm|msd|boot|tadsr)["']""")
+METHOD_NAME = re.compile(r"""(==|!=)\s*["'](agd|dmd2|sid|tscd|lcm|msd|boot|tadsr|uni|yonos)["']""")
 
 
 def _sources(folder: Path = LIB):
@@ -84,9 +84,13 @@ def test_every_builtin_method_is_registered_with_its_section():
     from fastdiff.methods import registry
 
     rooms = {p.stem if p.is_file() else p.name for p in (LIB / "methods").iterdir()}
-    assert {"dmd2", "sid", "tscd", "agd"} <= set(registry.names()) <= rooms
+    assert {"dmd2", "sid", "tscd", "agd"} <= set(registry.names())
+    homes = {}
     for name in registry.names():
         cls = registry.get(name)
+        home = cls.__module__.split(".")[2]  # fastdiff.methods.<room>[.module]
+        assert cls.__module__.startswith("fastdiff.methods.") and home in rooms, (name, cls.__module__)
+        assert homes.setdefault(home, name) == name, f"room {home} holds {homes[home]} and {name}"
         assert cls.name == name and dataclasses.is_dataclass(cls.config)
         section = cls.config()  # the optimizer settings: its own optim, or those of the method it builds on
         nested = [getattr(section, f.name) for f in dataclasses.fields(section)]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..methods.uni import UniConfig, UniInstruct
+from ..methods.uni_instruct import UniConfig, UniInstruct
 from ..models.gmm import GMM
 from ..models.heads import DiscriminatorHead
 from .gmm_metrics import gmm_report

@@ -13,8 +13,8 @@ from fastdiff.config import load_config
 from fastdiff.methods import losses
 from fastdiff.methods.dmd2 import DMD2, DMD2Config
 from fastdiff.methods.sid import SiD, SiDConfig
-from fastdiff.methods.uni import UniConfig, UniInstruct, divergences
-from fastdiff.methods.uni.method import dmd_per_sample
+from fastdiff.methods.uni_instruct import UniConfig, UniInstruct, divergences
+from fastdiff.methods.uni_instruct.method import dmd_per_sample
 from fastdiff.models.denoiser import CFG
 from fastdiff.models.gmm import MLPDenoiser, scaled_linear_alphas_cumprod
 from fastdiff.models.heads import DiscriminatorHead
