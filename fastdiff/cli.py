@@ -87,6 +87,13 @@ def _bench(args) -> None:
 
         run_serve(args.out or "bench-serve", duration=args.duration)
         return
+    if args.kind == "soak":
+        from .eval.bench_soak import run as run_soak
+
+        result = run_soak(args.out or "assets/bench/soak", requests=args.requests, clients=args.clients)
+        if not result["passed"]:
+            raise SystemExit("bench soak: some answers broke the invariants (see bench.md)")
+        return
     if args.kind == "scale":
         from .eval.bench_scale import run as run_scale
 
@@ -277,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=128, help="input tile side; larger images are tiled")
     p.set_defaults(fn=_upscale)
 
-    p = sub.add_parser("bench", help="benchmarks: speed | quality | serve | scale | sr")
-    p.add_argument("kind", choices=["speed", "quality", "serve", "scale", "sr"])
+    p = sub.add_parser("bench", help="benchmarks: speed | quality | serve | scale | sr | soak")
+    p.add_argument("kind", choices=["speed", "quality", "serve", "scale", "sr", "soak"])
     p.add_argument("--out", help="speed: a JSON file; quality: a folder (bench.json, bench.md, grids/)")
     p.add_argument("--iters", type=int, default=5, help="speed / scale: timed iterations")
     p.add_argument(
@@ -288,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="shared-base,full-copy,fsdp", help="scale: comma list of modes")
     p.add_argument("--families", default="sdxl,sd15", help="scale: comma list of UNet families")
     p.add_argument("--duration", type=float, default=9.0, help="serve: seconds of load per table cell")
+    p.add_argument(
+        "--requests", type=int, default=500, help="soak: requests under load, 10%% of them hostile"
+    )
+    p.add_argument("--clients", type=int, default=8, help="soak: concurrent clients")
     p.add_argument("--teacher", help="quality: teacher pipeline folder (default: the bundled digits teacher)")
     p.add_argument(
         "--guidance-scale",
@@ -383,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="mix_adapters",
         action="store_false",
         default=None,
-        help="batch only requests with the same adapters (default: one-adapter requests share batches)",
+        help="batch only requests with the same adapters and weights (default: requests with any adapters share a batch, one UNet call)",
     )
     p.add_argument("--max-queue", type=int, help="requests waiting before 503 (default 64)")
     p.add_argument("--default-steps", type=int, help="steps without a fastdiff export adapter (default 25)")

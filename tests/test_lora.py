@@ -262,10 +262,24 @@ def test_validate_lora_file_errors(tmp_path):
     with pytest.raises(LoRAFormatError, match="mixes"):
         validate_lora_file(mixed)
 
+    def lora_pair(unet, module: str, rank: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_A / lora_B weights of the shapes peft gives a rank-``rank`` LoRA on ``unet``'s linear ``module``."""
+        base = unet.get_submodule(module)
+        return torch.zeros(rank, base.in_features), torch.zeros(base.out_features, rank)
+
     unet = tiny_unet("sd15")
     good = tmp_path / "good.safetensors"
-    save_file({"unet.down_blocks.0.resnets.0.time_emb_proj.lora_A.weight": w()}, good)
+    proj = "down_blocks.0.resnets.0.time_emb_proj"
+    down, up = lora_pair(unet, proj)
+    save_file({f"unet.{proj}.lora_A.weight": down, f"unet.{proj}.lora_B.weight": up}, good)
     assert validate_lora_file(good, unet) == "diffusers"
+    # shapes are checked against the base whenever it is given: a lora_B one row short is refused, naming its key
+    short = tmp_path / "short.safetensors"
+    save_file({f"unet.{proj}.lora_A.weight": down, f"unet.{proj}.lora_B.weight": up[:-1].contiguous()}, short)
+    assert validate_lora_file(short) == "diffusers"  # no base to check against: the keys' format only
+    with pytest.raises(LoRAFormatError, match=rf"'unet\.{proj}\.lora_B\.weight' has shape") as err:
+        validate_lora_file(short, unet)
+    assert f"needs {tuple(up.shape)}" in str(err.value)
     for fmt, keys in {
         "diffusers": ["unet.mid_block.foo_proj.lora_A.weight", "unet.mid_block.foo_proj.lora_B.weight"],
         "kohya": [
@@ -282,9 +296,10 @@ def test_validate_lora_file_errors(tmp_path):
 
     # kohya SDXL files often use the original SGM block names: mapped as diffusers' loader maps them
     sgm = tmp_path / "sgm.safetensors"
+    down, up = lora_pair(tiny_unet("sdxl"), "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
     for block, ok in [("input_blocks_3_1", True), ("input_blocks_9_1", False)]:
         key = f"lora_unet_{block}_transformer_blocks_0_attn1_to_q"
-        save_file({f"{key}.lora_down.weight": w(), f"{key}.lora_up.weight": w().T.contiguous()}, sgm)
+        save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}, sgm)
         if ok:
             assert validate_lora_file(sgm, tiny_unet("sdxl")) == "kohya"
         else:

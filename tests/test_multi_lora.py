@@ -246,3 +246,60 @@ def test_sync_peft_follows_the_peft_cache():
     multi.sync_peft(["a"])
     layer = next(iter(multi._layers.values()))
     assert layer.modules["a"].down is not first
+
+
+def test_the_server_worker_runs_several_adapters_per_request_in_one_call(setup):
+    """A mixed batch of requests with {a0}, {a0, a1} (other weights), {} and {a1}, CFG on: one pipeline call whose
+    images equal, within one pixel level, each request's image when it runs alone (peft's ``set_adapters`` with both
+    weights). With no one-call route (peft's ``adapter_names`` takes one adapter per image), the batch runs as one
+    call per adapter set, with the same images."""
+    import numpy as np
+
+    from fastdiff.serve.adapters import Adapter, Sampling
+    from fastdiff.serve.metrics import Metrics
+    from fastdiff.serve.worker import BatchKey, Job, Worker
+
+    pipe, files = setup
+    a0, a1 = (
+        Adapter(f"a{i}", f["diffusers"], "diffusers", f["diffusers"], 1) for i, f in enumerate(files[:2])
+    )
+    worker = Worker(pipe, 4, 8, 0.0, 8, Metrics(), lambda a: True, mix_adapters=True)
+    sampling = Sampling(num_inference_steps=2, guidance_scale=3.0)
+    spec = [((a0, 1.0),), ((a0, 0.6), (a1, -0.8)), (), ((a1, 0.7),)]
+
+    def jobs():
+        return [
+            Job(BatchKey(adapters, sampling, 32, 32, False), f"a digit {k}", None, 1 + (k == 1), seed=10 * k)
+            for k, adapters in enumerate(spec)
+        ]
+
+    assert all(worker._joins(jobs()[:k], job, k) for k, job in enumerate(jobs()) if k)  # one batch
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        alone = jobs()
+        for job in alone:
+            worker._run_batch([job])
+        per_call = len(calls) // len(spec)  # UNet calls of one pipeline call
+        together = jobs()
+        worker._run_batch(together)
+        assert len(calls) == per_call * (len(spec) + 1) and worker.metrics.mixed_batches == 1
+        split = jobs()
+        worker._multi_rows = lambda per_image: None  # as for adapters with text-encoder layers
+        worker._run_batch(split)
+        assert len(calls) == per_call * (2 * len(spec) + 1)  # one pipeline call per adapter set
+        del worker._multi_rows
+    finally:
+        hook.remove()
+    for k, (x, y, z) in enumerate(zip(alone, together, split)):
+        for a, b, c in zip(x.future.result(), y.future.result(), z.future.result()):
+            a, b, c = (np.asarray(i, dtype=int) for i in (a, b, c))
+            print(
+                f"request {k}: max |mixed - alone| {np.abs(a - b).max()}, |split - alone| {np.abs(a - c).max()}"
+            )
+            assert np.abs(a - b).max() <= 1 and np.abs(a - c).max() <= 1
+    images = [np.asarray(j.future.result()[0], dtype=int) for j in alone]
+    assert min(np.abs(images[i] - images[j]).max() for i in range(4) for j in range(i)) > 20  # all differ
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Adapter .* was active")
+        pipe.delete_adapters(list(worker.loaded.values()))

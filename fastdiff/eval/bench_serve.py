@@ -50,17 +50,20 @@ def random_lora(
     return save_lora(out, unet, "style", cls)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 @contextmanager
-def _server(base: Path, adapters: Path, batching: bool, log: Path):
+def server_process(base: Path, adapters: Path, batching: bool, log: Path):
+    """``fastdiff serve`` in its own process (one torch thread, no token) on a free loopback port, as the benches
+    run it: ``STEPS`` steps without CFG by default, 8-image micro-batches (``batching``) or none; yields (its URL,
+    its ``subprocess.Popen``) once ``/healthz`` answers, and stops it after the block."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -105,7 +108,7 @@ def _server(base: Path, adapters: Path, batching: bool, log: Path):
                 if time.monotonic() > deadline:
                     raise RuntimeError("fastdiff serve did not start within 180 s")
                 time.sleep(0.2)
-            yield url
+            yield url, proc
         finally:
             proc.terminate()
             try:
@@ -246,7 +249,8 @@ def run(out: str | Path, duration: float = 9.0, rounds: int = 3) -> dict:
             files = random_lora("sdxl", tmp / name, seed=i)
             (adapters / f"{name}.safetensors").write_bytes(files["diffusers"].read_bytes())
         urls = {
-            b: stack.enter_context(_server(base, adapters, b, tmp / f"server-{b}.log")) for b in (True, False)
+            b: stack.enter_context(server_process(base, adapters, b, tmp / f"server-{b}.log"))[0]
+            for b in (True, False)
         }
         for url in urls.values():
             measure(url, names, 4, 2.0)  # warm-up: every adapter loaded, allocator warm

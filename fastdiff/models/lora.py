@@ -331,15 +331,16 @@ def _key_format(key: str) -> str | None:
     return None
 
 
-def validate_lora_file(path: str | Path, unet: nn.Module | None = None, check_shapes: bool = False) -> str:
+def validate_lora_file(path: str | Path, unet: nn.Module | None = None) -> str:
     """Check a LoRA file before loading it and return its format: ``"diffusers"`` or ``"kohya"``.
 
     Args:
         path: a ``.safetensors`` file (pickle formats are refused: loading them can run code).
-        unet: if given, every UNet module the LoRA targets must exist in it (after diffusers' own kohya/SGM key
-            conversion, i.e. as ``load_lora_weights`` would map them).
-        check_shapes: with ``unet``, also every ``lora_A`` / ``lora_B`` tensor of a linear or conv module must have
-            the shape peft gives that module's LoRA (``_lora_shape``): what loading it would otherwise fail on.
+        unet: the base UNet the LoRA goes on, whenever the caller has it: every UNet module the LoRA targets must
+            exist in it (after diffusers' own kohya/SGM key conversion, i.e. as ``load_lora_weights`` would map
+            them), and every ``lora_A`` / ``lora_B`` tensor of a linear or conv module must have the shape peft
+            gives that module's LoRA (``_lora_shape``): what loading it would otherwise fail on. None checks the
+            keys' format only.
 
     Raises:
         LoRAFormatError: wrong suffix, keys of neither format (or of both), modules the UNet lacks, or a tensor
@@ -368,11 +369,11 @@ def validate_lora_file(path: str | Path, unet: nn.Module | None = None, check_sh
         examples = {fmt: ks[:2] for fmt, ks in by_format.items()}
         raise LoRAFormatError(f"{path}: mixes diffusers and kohya keys {examples}; {_EXPECTED}")
     if unet is not None:
-        _check_targets(path, unet, keys, check_shapes)
+        _check_targets(path, unet, keys)
     return next(iter(by_format))
 
 
-def _check_targets(path: Path, unet: nn.Module, keys: list[str], check_shapes: bool) -> None:
+def _check_targets(path: Path, unet: nn.Module, keys: list[str]) -> None:
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
@@ -394,7 +395,7 @@ def _check_targets(path: Path, unet: nn.Module, keys: list[str], check_shapes: b
             f"{path}: {len(foreign)} LoRA target modules do not exist in this UNet, e.g. {foreign[:5]}"
             f"{f' (keys {bad_keys})' if bad_keys else ''}; a LoRA for another model family?"
         )
-    for key in sorted(sd) if check_shapes else ():
+    for key in sorted(sd):
         module, part = key.rsplit(".lora_", 1)
         down = sd.get(f"{module}.lora_A.weight")
         rank = down.shape[0] if down is not None and down.ndim else None

@@ -86,7 +86,7 @@ class ServeConfig:
     cache_size: int = 8  # adapters kept loaded (LRU)
     max_batch_images: int = 8  # images per pipeline call; 1 turns micro-batching off
     batch_window_ms: float = 10.0  # how long a batch waits for more requests after its first
-    mix_adapters: bool = True  # batch requests of different single adapters together
+    mix_adapters: bool = True  # batch requests of different adapter sets and weights together (one UNet call)
     max_queue: int = 64
     default_steps: int = 25  # for requests without a fastdiff export adapter
     default_guidance_scale: float = 5.0
@@ -326,7 +326,7 @@ def create_app(config: ServeConfig, pipe=None):
         worker = worker_box.get("worker")
 
         def fn(p):
-            validate_lora_file(path, p.unet, check_shapes=True)
+            validate_lora_file(path, p.unet)
             try:
                 check_lora_folder(p.unet, path)
             except ValueError as e:

@@ -3,9 +3,13 @@
 Only this thread touches the pipeline, one batch at a time, so a request never sees another request's adapter
 state. A batch is requests that arrive within ``window_s`` of its first one, up to ``max_batch_images`` images, with
 the same sampling, size and negative-prompt use (``BatchKey.shared``) and either the same adapter set and weights,
-or (``mix_adapters``) at most one adapter each: then every image is routed to its own adapter inside each LoRA
-layer (peft's mixed-adapter batches, ``adapter_names``), the base layers run once for all. Each image has its own
-``torch.Generator`` seeded with ``seed + index``: its noise does not depend on what it is batched with.
+or (``mix_adapters``) any adapter sets and weights, no more distinct adapters than the cache holds: then one UNet
+call serves them all, every image getting its own adapters' low-rank updates with its own weights (several summed,
+none for a request without adapters) from ``MultiLoRA`` (``_route``). When an adapter has text-encoder LoRA layers
+(``MultiLoRA`` covers the UNet only), peft's mixed-adapter batches (``adapter_names``) route the images instead,
+which needs one adapter per request and one weight per adapter; a mixed batch that needs more runs as one call per
+adapter set. Each image has its own ``torch.Generator`` seeded with ``seed + index``: its noise does not depend on
+what it is batched with.
 
 A request fails alone: when a batch of several requests fails (an adapter that does not load, a prompt the
 pipeline refuses), each of its requests runs again on its own, so only the culprit gets the error and the others
@@ -109,7 +113,7 @@ class Worker(threading.Thread):
         max_queue: most jobs waiting; ``submit`` raises Unavailable beyond it.
         metrics: a ``Metrics`` (adapter loads/evictions, batch sizes).
         is_registered: adapter -> whether it is still registered (deleted adapters are evicted).
-        mix_adapters: batch requests of different single adapters together (peft's per-image ``adapter_names``).
+        mix_adapters: batch requests of different adapter sets together (``MultiLoRA``'s per-row updates).
         resolve_weights: weights path -> the path to load now, checked again before every load (e.g.
             ``Registry.loadable``: still inside the adapters root); None loads the registered path as it is.
     """
@@ -266,58 +270,38 @@ class Worker(threading.Thread):
         return batch
 
     def _joins(self, batch: list[Job], job: Job, images: int) -> bool:
-        """Whether ``job`` may join ``batch``: the same adapter set, or (``mix_adapters``) at most one adapter per
-        request, one weight per adapter and no more distinct adapters than the cache holds."""
+        """Whether ``job`` may join ``batch``: the same adapter set and weights, or (``mix_adapters``) any, as long
+        as the batch names no more distinct adapters than the cache holds."""
         first = batch[0].key
         if images + job.n > self.max_batch_images or job.key.shared != first.shared:
             return False
-        if job.key.adapters == first.adapters and all(j.key.adapters == first.adapters for j in batch):
+        if all(j.key.adapters == job.key.adapters for j in batch):
             return True
-        if not self.mix_adapters or any(len(j.key.adapters) > 1 for j in (*batch, job)):
+        if not self.mix_adapters:
             return False
-        weights = {a: w for j in batch for a, w in j.key.adapters}
-        for a, w in job.key.adapters:
-            if weights.setdefault(a, w) != w:
-                return False
-        return len(weights) <= self.cache_size
+        return len({a for j in (*batch, job) for a, _ in j.key.adapters}) <= self.cache_size
 
     def _run_batch(self, batch: list[Job]) -> None:
         key = batch[0].key
         images = sum(j.n for j in batch)
-        hooks = []
+        hooks: list = []
         error = None
         try:
             lora = key.sampling.lora  # the batch's per-step LoRA of an export (shared by every request)
             if all(j.key.adapters == key.adapters for j in batch):
                 self._use_adapters(key.adapters, lora)
-            else:  # a mixed batch: every adapter active with its weight, each image routed to its own
-                self._use_adapters(tuple(dict(a for j in batch for a in j.key.adapters).items()), lora)
-                names = [
-                    j.key.adapters[0][0].weights_for(lora)[1] if j.key.adapters else "__base__" for j in batch
-                ]
-                hooks = self._route([name for j, name in zip(batch, names) for _ in range(j.n)])
+            else:  # a mixed batch: each image routed to its own adapters and weights, in one pipeline call
+                routed = self._route(batch, lora)
+                if routed is None:  # no one-call route for this mix: one call per adapter set
+                    groups: dict[tuple, list[Job]] = {}
+                    for job in batch:
+                        groups.setdefault(job.key.adapters, []).append(job)
+                    for group in groups.values():
+                        self._run_batch(group)
+                    return
+                hooks = routed
                 self.metrics.mixed_batches += 1
-            self.pipe.scheduler = self._scheduler(key.sampling)
-            s = key.sampling
-            kwargs = {}
-            if s.timesteps is not None:
-                kwargs["timesteps"] = list(s.timesteps)
-            if s.eta is not None:
-                kwargs["eta"] = s.eta
-            prompts = [j.prompt for j in batch for _ in range(j.n)]
-            negatives = [j.negative_prompt for j in batch for _ in range(j.n)] if key.negative else None
-            generators = [torch.Generator().manual_seed(j.seed + i) for j in batch for i in range(j.n)]
-            out = self.pipe(
-                prompt=prompts,
-                negative_prompt=negatives,
-                num_inference_steps=s.num_inference_steps,
-                guidance_scale=s.guidance_scale,
-                width=key.width,
-                height=key.height,
-                generator=generators,
-                output_type="pil",
-                **kwargs,
-            ).images
+            out = self._generate(batch)
         except Exception as e:
             error = e
         finally:
@@ -345,6 +329,28 @@ class Worker(threading.Thread):
             job.batch_images = images
             job.future.set_result(out[start : start + job.n])
             start += job.n
+
+    def _generate(self, batch: list[Job]) -> list:
+        """One pipeline call for every image of ``batch`` (adapters already set up), PIL images in order."""
+        key = batch[0].key
+        s = key.sampling
+        self.pipe.scheduler = self._scheduler(s)
+        kwargs = {}
+        if s.timesteps is not None:
+            kwargs["timesteps"] = list(s.timesteps)
+        if s.eta is not None:
+            kwargs["eta"] = s.eta
+        return self.pipe(
+            prompt=[j.prompt for j in batch for _ in range(j.n)],
+            negative_prompt=[j.negative_prompt for j in batch for _ in range(j.n)] if key.negative else None,
+            num_inference_steps=s.num_inference_steps,
+            guidance_scale=s.guidance_scale,
+            width=key.width,
+            height=key.height,
+            generator=[torch.Generator().manual_seed(j.seed + i) for j in batch for i in range(j.n)],
+            output_type="pil",
+            **kwargs,
+        ).images
 
     @torch.no_grad()
     def _student_for(self, adapter: Adapter, prompt: str) -> int:
@@ -382,9 +388,18 @@ class Worker(threading.Thread):
     def _use_adapters(self, adapters: tuple[tuple[Adapter, float], ...], lora: str | None = None) -> None:
         """Make exactly ``adapters`` (with their weights) active on the pipeline, loading what is missing; an
         export with a per-step LoRA named ``lora`` runs that LoRA's weights."""
-        entries = [((a, lora if lora in a.variants else None), w) for a, w in adapters]
-        wanted = {entry for entry, _ in entries}
-        for entry, _ in entries:
+        names = self._load([a for a, _ in adapters], lora)
+        state = tuple((names[a], w) for a, w in adapters)
+        if state != self.active:
+            self._switch([name for name, _ in state], [w for _, w in state])
+            self.active = state
+
+    def _load(self, adapters: list[Adapter], lora: str | None = None) -> dict[Adapter, str]:
+        """Load what is missing of ``adapters`` into the cache (evicting others, least recently used first);
+        -> each adapter's peft name. An export with a per-step LoRA named ``lora`` loads that LoRA's weights."""
+        entries = {a: (a, lora if lora in a.variants else None) for a in adapters}
+        wanted = set(entries.values())
+        for entry in entries.values():
             if entry in self.loaded:
                 self.loaded.move_to_end(entry)
                 continue
@@ -415,10 +430,7 @@ class Worker(threading.Thread):
             self._layers = None
             self.loaded_uids = frozenset(a.uid for a, _ in self.loaded)
             self.metrics.adapter_loads += 1
-        state = tuple((self.loaded[entry], w) for entry, w in entries)
-        if state != self.active:
-            self._switch([name for name, _ in state], [w for _, w in state])
-            self.active = state
+        return {a: self.loaded[entry] for a, entry in entries.items()}
 
     def _switch(self, names: list[str], weights: list[float]) -> None:
         """``pipe.set_adapters(names, weights)`` (or no adapter at all for ``[]``) over the cached tuner layers.
@@ -437,43 +449,53 @@ class Worker(threading.Thread):
             for name, weight in zip(names, weights):
                 layer.set_scale(name, weight)
 
-    def _route(self, names: list[str]) -> list:
-        """Route each image to its adapter (one peft name per image; ``"__base__"`` for none) in one pipeline call:
-        ``MultiLoRA`` per-row updates (``_multi_rows``), or, when an adapter has text-encoder LoRA layers, peft's
+    def _route(self, batch: list[Job], lora: str | None) -> list | None:
+        """Hooks routing each image of a mixed batch to its own adapters and weights in one pipeline call:
+        ``MultiLoRA``'s per-row updates (``_multi_rows``), or, when an adapter has text-encoder LoRA layers, peft's
         mixed-adapter batches: ``adapter_names`` passed to every LoRA layer's forward, repeated for the CFG halves
-        ([unconditional, conditional], in prompt order)."""
-        hooks = self._multi_rows(names)
+        ([unconditional, conditional], in prompt order). None when neither can run this batch (peft's route with a
+        request of several adapters, or one adapter at two weights)."""
+        names = self._load(list(dict.fromkeys(a for j in batch for a, _ in j.key.adapters)), lora)
+        per_image = [[(names[a], w) for a, w in j.key.adapters] for j in batch for _ in range(j.n)]
+        hooks = self._multi_rows(per_image)
         if hooks is not None:
             return hooks
-        n = len(names)
+        weights: dict[Adapter, float] = {}
+        for j in batch:
+            for a, w in j.key.adapters:
+                if len(j.key.adapters) > 1 or weights.setdefault(a, w) != w:
+                    return None
+        self._use_adapters(tuple(weights.items()), lora)
+        routed = [row[0][0] if row else "__base__" for row in per_image]
+        n = len(routed)
 
         def add_names(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
             if len(x) % n:
                 raise RuntimeError(f"a LoRA layer saw a batch of {len(x)}, not a multiple of the {n} images")
-            return args, {**kwargs, "adapter_names": names * (len(x) // n)}
+            return args, {**kwargs, "adapter_names": routed * (len(x) // n)}
 
         return [
             layer.register_forward_pre_hook(add_names, with_kwargs=True) for layer in self._tuner_layers()
         ]
 
-    def _multi_rows(self, names: list[str]) -> list | None:
-        """The ``MultiLoRA`` hooks of a mixed batch: every image's rows get its adapter's update with the weight
-        ``_use_adapters`` just set, in the UNet's base layers; peft's layers are left inactive (``active`` then is
-        unknown). Its copies of the weights follow peft's cache (``sync_peft``). None for adapters with
-        text-encoder LoRA layers (MultiLoRA covers the UNet only)."""
+    def _multi_rows(self, per_image: list[list[tuple[str, float]]]) -> list | None:
+        """The ``MultiLoRA`` hooks of a mixed batch: every image's rows get the updates of its ``(peft name,
+        weight)`` pairs (summed; none for ``[]``) in the UNet's base layers; peft's layers are left inactive
+        (``active`` then is unknown). Its copies of the weights follow peft's cache (``sync_peft``). None for
+        adapters with text-encoder LoRA layers (MultiLoRA covers the UNet only)."""
         from .multi_lora import MultiLoRA
 
-        weights = dict(self.active or ())
+        used = {name for row in per_image for name, _ in row}
         other = {n for c, ns in self.pipe.get_list_adapters().items() if c != "unet" for n in ns}
-        if other & set(weights):
+        if other & used:
             return None
         if getattr(self, "_multi_lora", None) is None:
             self._multi_lora = MultiLoRA(self.pipe.unet)
-        self._multi_lora.sync_peft(weights)
+        self._multi_lora.sync_peft(used)
         self._switch([], [])
         self.active = None
-        return self._multi_lora.attach([[(n, weights[n])] if n in weights else [] for n in names])
+        return self._multi_lora.attach(per_image)
 
     def _tuner_layers(self) -> list:
         if self._layers is None:
