@@ -34,15 +34,20 @@ from .gmm_setup import DIM, NUM_CLASSES, networks, null_labels, paired_gmm, trai
 from .sid_gmm import student_config
 
 
-def uni_config(divergence: str, kl_weight: float = 1.0, score_weight: float = 1.0, **kw) -> UniConfig:
-    """SiD's 1-step GMM set-up as a Uni-Instruct section."""
+def uni_config(
+    divergence: str, kl_weight: float = 1.0, score_weight: float = 1.0, fdistill_weight: float = 0.0, **kw
+) -> UniConfig:
+    """SiD's 1-step GMM set-up as a Uni-Instruct section; defaults: the exact gradient of the expansion (both
+    branches, SiD's α = ½)."""
     sid = student_config(1, 3e-4)
     fields = {f.name: getattr(sid, f.name) for f in dataclasses.fields(sid)}
+    fields["alpha"] = kw.pop("alpha", 0.5)
     return UniConfig(
         **fields,
         divergence=divergence,
         kl_weight=kl_weight,
         score_weight=score_weight,
+        fdistill_weight=fdistill_weight,
         teacher_sample_steps=kw.pop("teacher_sample_steps", 8),
         **kw,
     )
@@ -74,7 +79,7 @@ def evaluate(method, gmm: GMM, per_class: int) -> dict:
 
 
 def run_one(system: str, seed: int, steps: int, per_class: int) -> dict:
-    """One 1-step student: ``dmd2``, ``sid`` or ``uni:<divergence>[:kl_weight:score_weight]``."""
+    """One 1-step student: ``dmd2``, ``sid`` or ``uni:<divergence>[:kl_weight:score_weight[:fdistill_weight]]``."""
     from . import bench_gmm, sid_gmm
 
     gmm = paired_gmm()
@@ -88,12 +93,12 @@ def run_one(system: str, seed: int, steps: int, per_class: int) -> dict:
             report = evaluate(method, gmm, per_class)
         elif system.startswith("uni:"):
             parts = system.split(":")[1:]
-            weights = [float(v) for v in parts[1:3]] if len(parts) >= 3 else []
+            weights = [float(v) for v in parts[1:4]] if len(parts) >= 3 else []
             method = train_uni(gmm, uni_config(parts[0], *weights), steps, seed, tmp)
             report = evaluate(method, gmm, per_class)
         else:
             raise ValueError(
-                f"unknown system {system!r}: dmd2, sid or uni:<divergence>[:kl_weight:score_weight]"
+                f"unknown system {system!r}: dmd2, sid or uni:<divergence>[:kl_weight:score_weight[:fdistill_weight]]"
             )
     excess = (report["nll"] - report["nll_true"]) / abs(report["nll_true"])
     row = {"system": system, "seed": seed, "iterations": steps, "nll_excess": excess, **report}

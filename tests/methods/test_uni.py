@@ -1,5 +1,7 @@
-"""Uni-Instruct: the f-weights against hand-computed values, the reductions to DMD2 and SiD (identical generator
-gradients on a fixed batch), the density-ratio discriminator's data-free training, and a short GMM run."""
+"""Uni-Instruct: the f-weights and their derivatives against hand-computed values, the tractable loss's gradient
+against the exact gradient of the expanded divergence (1-D Gaussian mixtures, quadrature), the reductions to DMD2 and
+SiD (identical generator gradients on a fixed batch), the density-ratio discriminator's data-free training, and a
+short GMM run."""
 
 import copy
 import math
@@ -13,7 +15,7 @@ from fastdiff.config import load_config
 from fastdiff.methods import losses
 from fastdiff.methods.dmd2 import DMD2, DMD2Config
 from fastdiff.methods.sid import SiD, SiDConfig
-from fastdiff.methods.uni_instruct import UniConfig, UniInstruct, divergences
+from fastdiff.methods.uni_instruct import UniConfig, UniInstruct, divergences, expansion, tractable
 from fastdiff.methods.uni_instruct.method import dmd_per_sample
 from fastdiff.models.denoiser import CFG
 from fastdiff.models.gmm import MLPDenoiser, scaled_linear_alphas_cumprod
@@ -32,6 +34,22 @@ HAND = {
     "jeffreys": (1.5, 2.0, 3.0),  # f = (r - 1) log r: r + 1
     "pearson": (0.5, 2.0, 8.0),  # f = (r - 1)²: 2 r²
     "neyman": (4.0, 2.0, 1.0),  # f = (1 - r)² / r: 2 / r
+}
+
+# (r h'(r), r² h''(r)) by hand at r = 1/2, 1, 2
+HAND_DERIVATIVES = {
+    "reverse_kl": ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0)),
+    "softened_rkl": ((-2 / 9, 4 / 27), (-1 / 4, 1 / 4), (-2 / 9, 8 / 27)),  # -r/(1+r)², 2r²/(1+r)³
+    "js": ((2 / 9, -4 / 27), (1 / 4, -1 / 4), (2 / 9, -8 / 27)),  # r/(1+r)², -2r²/(1+r)³
+    "squared_hellinger": (
+        (math.sqrt(0.5) / 8, -math.sqrt(0.5) / 16),
+        (1 / 8, -1 / 16),
+        (math.sqrt(2) / 8, -math.sqrt(2) / 16),
+    ),  # √r/8, -√r/16
+    "forward_kl": ((0.5, 0.0), (1.0, 0.0), (2.0, 0.0)),  # r, 0
+    "jeffreys": ((0.5, 0.0), (1.0, 0.0), (2.0, 0.0)),  # r, 0
+    "pearson": ((1.0, 1.0), (4.0, 4.0), (16.0, 16.0)),  # 4r², 4r²
+    "neyman": ((-4.0, 8.0), (-2.0, 4.0), (-1.0, 2.0)),  # -2/r, 4/r
 }
 
 
@@ -53,12 +71,77 @@ def test_weight_is_f_second_derivative_times_r_squared(name):
         assert float(f(torch.tensor(1.0, dtype=torch.float64))) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("name", sorted(divergences.DIVERGENCES))
+def test_weight_derivatives_against_hand_values_and_autograd(name):
+    assert sorted(HAND_DERIVATIVES) == sorted(divergences.DIVERGENCES)
+    div = divergences.get(name)
+    for r, (rh1, r2h2) in zip((0.5, 1.0, 2.0), HAND_DERIVATIVES[name], strict=True):
+        lr = torch.tensor(math.log(r), dtype=torch.float64)
+        assert float(div.rh1(lr)) == pytest.approx(rh1, rel=1e-9, abs=1e-12)
+        assert float(div.r2h2(lr)) == pytest.approx(r2h2, rel=1e-9, abs=1e-12)
+    for r0 in (0.3, 2.5):  # h as a function of r, differentiated twice
+        r = torch.tensor(r0, dtype=torch.float64, requires_grad=True)
+        h = div.h(torch.log(r))
+        if not h.requires_grad:  # constant h
+            continue
+        (d1,) = torch.autograd.grad(h, r, create_graph=True)
+        (d2,) = torch.autograd.grad(d1, r, allow_unused=True)
+        d2 = torch.zeros(()) if d2 is None else d2
+        lr = torch.tensor(math.log(r0), dtype=torch.float64)
+        assert float(div.rh1(lr)) == pytest.approx(r0 * d1.item(), rel=1e-9, abs=1e-12)
+        assert float(div.r2h2(lr)) == pytest.approx(r0**2 * d2.item(), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(divergences.DIVERGENCES))
+@pytest.mark.parametrize("theta", expansion.THETAS)
+def test_tractable_gradient_is_the_exact_gradient_of_the_expanded_divergence(name, theta):
+    """E[∇_θ L] (Gauss-Hermite over z, ε; exact scores and exact r held fixed) against central differences of
+    J_t(θ) = E_{q_t}[h(r) (s_p - s_q)²] by quadrature: a 1-D Gaussian-mixture teacher, a Gaussian student."""
+    pb, theta = expansion.Problem(), torch.tensor(theta, dtype=torch.float64)
+    true = expansion.true_gradient(name, theta, pb)
+    parts = expansion.tractable_gradient(name, theta, pb, n_nodes=60, parts=True)
+    assert expansion.relative_error(parts["score"] + parts["ratio"], true) < 1e-4
+    if name == "reverse_kl":  # h ≡ 1: SiD at α = ½ alone is exact
+        assert float(parts["ratio"].abs().max()) == 0.0
+    else:  # both branches are needed
+        assert expansion.relative_error(parts["score"], true) > 1e-2
+    # the previous combination (h-weighted DMD + h-weighted SiD at α = 1) is not the gradient
+    old = expansion.previous_gradient(name, theta, pb, n_nodes=60)["both"]
+    assert expansion.relative_error(old, true) > 0.1
+
+
+def test_score_branch_is_h_weighted_sid_with_a_per_sample_alpha():
+    """h · SiD_½ - ½ r h' ||y_r - y_f||² = h · SiD_{α(r)}, α(r) = ½ (1 + r h' / h)."""
+    g = torch.Generator().manual_seed(0)
+    x, y_r, y_f = (torch.randn(6, 4, generator=g) for _ in range(3))
+    log_r = torch.linspace(-2, 2, 6)
+    div = divergences.get("js")
+    h, rh1 = div.h(log_r), div.rh1(log_r)
+    w = torch.rand(6, generator=g) + 0.5
+    per_alpha = torch.stack(
+        [
+            losses.sid_loss(
+                x[i : i + 1], y_r[i : i + 1], y_f[i : i + 1], float(0.5 * (1 + rh1[i] / h[i])), w[i]
+            )
+            for i in range(6)
+        ]
+    )[:, 0]
+    torch.testing.assert_close(tractable.score_branch(x, y_r, y_f, h, rh1, 0.5, w), h * per_alpha)
+
+
 def test_weights_are_clipped_and_normalised_by_the_batch_mean():
     log_r = torch.tensor([0.0, math.log(3.0), 50.0])
     w = divergences.weights("forward_kl", log_r, 3, max_log_ratio=5.0)
     raw = torch.tensor([1.0, 3.0, math.exp(5.0)])
     torch.testing.assert_close(w, raw / raw.mean())
     torch.testing.assert_close(divergences.weights("reverse_kl", None, 4), torch.ones(4))
+    h, rh1, r2h2 = divergences.branch_weights("pearson", log_r, 3, max_log_ratio=5.0)
+    raw = 2 * torch.tensor([1.0, 9.0, math.exp(10.0)])  # 2 r², r clipped at e⁵
+    torch.testing.assert_close(h, raw / raw.mean())
+    torch.testing.assert_close(rh1, 2 * raw / raw.mean())  # 4 r²
+    torch.testing.assert_close(r2h2, 2 * raw / raw.mean())
+    h, rh1, r2h2 = divergences.branch_weights("reverse_kl", None, 4)
+    torch.testing.assert_close(torch.stack([h, rh1, r2h2]), torch.tensor([[1.0] * 4, [0.0] * 4, [0.0] * 4]))
     with pytest.raises(ValueError, match="one of"):
         divergences.get("total_variation")
 
@@ -96,10 +179,11 @@ def _generator_grads(method, gen, g, cond, step=0):
 
 
 @pytest.mark.parametrize("w", [1.0, 1.5])
-def test_reverse_kl_kl_branch_is_dmd2s_generator_gradient(w):
+def test_reverse_kl_fdistill_branch_is_dmd2s_generator_gradient(w):
     gen, fake, teacher = _nets()
     cond = torch.arange(N) % CLASSES
-    uni = _uni(gen, fake, teacher, divergence="reverse_kl", kl_weight=1.0, score_weight=0.0, guidance_scale=w)
+    kw = dict(kl_weight=0.0, score_weight=0.0, fdistill_weight=1.0, guidance_scale=w)
+    uni = _uni(gen, fake, teacher, divergence="reverse_kl", **kw)
     gen2, fake2 = copy.deepcopy(gen), copy.deepcopy(fake)
     dcfg = DMD2Config(guidance_scale=w, student_timesteps=[999], min_step=20, max_step=899)  # U[20, 900)
     dmd2 = DMD2(gen2, fake2, CFG(teacher, w, null), dcfg, (DIM,), dict(gen2.named_parameters()), {})
@@ -120,7 +204,8 @@ def test_reverse_kl_score_branch_is_sids_generator_gradient(guidance):
     gen, fake, teacher = _nets(1)
     cond = torch.arange(N) % CLASSES
     kw = dict(guidance=guidance, guidance_scale=1.5, alpha=1.2, init_timestep=999, min_step=20, max_step=900)
-    uni_cfg = UniConfig(divergence="reverse_kl", kl_weight=0.0, score_weight=1.0, **kw)
+    # kl_weight = 1: reverse KL has no DI-like branch (β ≡ 0), so the default mix is SiD's loss alone
+    uni_cfg = UniConfig(divergence="reverse_kl", kl_weight=1.0, score_weight=1.0, **kw)
     gen2, fake2 = copy.deepcopy(gen), copy.deepcopy(fake)
     uni = UniInstruct(
         gen, fake, teacher, uni_cfg, (DIM,), dict(gen.named_parameters()), dict(fake.named_parameters()), null
@@ -155,7 +240,7 @@ class FixedLogits(nn.Module):
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "js", "jeffreys", "squared_hellinger", "neyman"])
-def test_each_sample_is_weighted_by_h_of_the_heads_ratio(name):
+def test_each_sample_is_weighted_by_the_heads_ratio(name):
     gen, fake, teacher = _nets(2)
     cond = torch.arange(N) % CLASSES
     logits = torch.linspace(-2, 2, N)
@@ -167,10 +252,11 @@ def test_each_sample_is_weighted_by_h_of_the_heads_ratio(name):
         divergence=name,
         kl_weight=0.7,
         score_weight=0.3,
+        fdistill_weight=0.2,
         guidance_scale=1.0,
     )
     terms = uni.loss("generator", {"cond": cond}, 0, torch.Generator().manual_seed(0))
-    # replay the draws: x, t, ε; then both branches by hand
+    # replay the draws: x, t, ε; then the three branches by hand
     g = torch.Generator().manual_seed(0)
     x = gen(torch.randn(N, DIM, generator=g), 999, cond)
     t = torch.randint(20, 900, (N,), generator=g)
@@ -179,10 +265,21 @@ def test_each_sample_is_weighted_by_h_of_the_heads_ratio(name):
     x_t = a * x + s * torch.randn(N, DIM, generator=g)
     y_r = teacher(x_t, t, cond)
     y_f = fake(x_t, t, cond)
-    h = torch.tensor([divergences.h_of_r(name, math.exp(v)) for v in logits.tolist()], dtype=torch.float32)
-    w = h / h.mean()
-    torch.testing.assert_close(terms["dm"], 0.7 * (w * dmd_per_sample(x, y_r, y_f)).mean())
-    torch.testing.assert_close(terms["sid"], 0.3 * (w * losses.sid_loss(x, y_r, y_f, 1.0)).mean())
+    r = [math.exp(v) for v in logits.tolist()]
+    h = torch.tensor([divergences.h_of_r(name, v) for v in r], dtype=torch.float32)
+    div = divergences.get(name)
+    rh1, r2h2 = div.rh1(logits), div.r2h2(logits)
+    mean_h = h.mean()
+    h, rh1, r2h2 = h / mean_h, rh1 / mean_h, r2h2 / mean_h
+    w = (x - y_r).abs().mean(1).detach()
+    diff = y_r - y_f
+    sid_half = (diff * ((y_r - x) - 0.5 * diff)).mean(1) / w
+    torch.testing.assert_close(terms["dm"], 0.2 * (h * dmd_per_sample(x, y_r, y_f)).mean())
+    torch.testing.assert_close(terms["sid"], 0.3 * (h * sid_half - 0.5 * rh1 * (diff**2).mean(1) / w).mean())
+    beta = (r2h2 * (diff**2).sum(1) + 2 * rh1 * (diff * (x - y_f)).sum(1)).detach()
+    snr = acp[t] / (1 - acp[t])
+    di = 0.5 * snr * beta * ((-diff.detach()) * x).mean(1) / w
+    torch.testing.assert_close(terms["di"], 0.7 * di.mean())
 
 
 def test_data_free_discriminator_trains_on_teacher_samples():
@@ -210,8 +307,10 @@ def test_bad_uni_config_is_a_clear_error():
         _uni(gen, fake, teacher, None, divergence="forward_kl")
     with pytest.raises(ValueError, match="uni.divergence must be one of"):
         _uni(gen, fake, teacher, DiscriminatorHead(16), divergence="tv")
-    with pytest.raises(ValueError, match="not both 0"):
+    with pytest.raises(ValueError, match="not all 0"):
         _uni(gen, fake, teacher, None, divergence="reverse_kl", kl_weight=0.0, score_weight=0.0)
+    with pytest.raises(ValueError, match="no DI-like branch"):
+        _uni(gen, fake, teacher, None, divergence="reverse_kl", kl_weight=1.0, score_weight=0.0)
 
 
 @pytest.mark.parametrize("recipe", ["digits_uni", "sd15_uni_1step", "sdxl_uni_1step"])

@@ -1,7 +1,7 @@
-"""Uni-Instruct (Wang et al. 2025, arXiv 2505.20755): one-step distillation by an f-divergence between the generator's
-and the teacher's noised distributions, trained with a weighted mix of a Diff-Instruct/DMD-type (KL branch) and a
-SIM/SiD-type (score branch) gradient; the per-sample weight h(r) = f''(r) r² of f-distill (Xu, Nie, Vahdat 2025),
-r = p_teacher / q_generator at x_t from a discriminator.
+"""Uni-Instruct (Wang et al. 2025, arXiv 2505.20755): one-step distillation by the diffusion expansion of an
+f-divergence, D_f(p_0 || q_0) = ∫ (g_t² / 2) E_{q_t}[h(r_t) ||s_p - s_q||²] dt (+ the t = T term), h(r) = f''(r) r²,
+r = p_teacher / q_generator at x_t from a discriminator; trained by a tractable loss whose gradient equals the
+gradient of the integrand J_t at the sampled t (derivation and weights: ``tractable``; exact check: ``expansion``).
 
 Built on ``SiD`` (student sampler, k-step grids, guidance variants, fake-score training, NaN masking, export) and the
 shared ``Critic`` (fake score + DMD2's GAN head, whose logit is log r). Networks: generator G, the frozen teacher,
@@ -9,21 +9,29 @@ a fake score f_ψ, and a discriminator head D on f_ψ's mid-block features.
 
 Generator (x = G(z), t ~ U[min_step, max_step), x_t = α_t x + σ_t ε, y_r = teacher^{κ4}(x_t), y_f = f_ψ(x_t)):
     log r = clip(D(f_ψ features of x_t, t), ±max_log_ratio)   (no gradient)
-    w_i = h(r_i) / mean_batch h(r)                                  (f-distill's batch normalisation; reverse KL: 1)
-    L = kl_weight    · mean_i w_i · 0.5 ||x_i - sg(x_i - g_i)||²    g = (y_f - y_r) / mean|x - y_r|  (DMD2's term)
-      + score_weight · mean_i w_i · L_SiD,i                          (SiD's per-sample loss, through both scores)
+    (h, r h', r² h'') at r, each divided by mean_batch h           (f-distill's batch normalisation; reverse KL: 1, 0, 0)
+    L = score_weight · mean_i [h SiD_α - ½ r h' (y_r - y_f)·(y_r - y_f')] / w_i      (SIM-like branch, through both
+                                                                                    score networks, as SiD)
+      + kl_weight    · mean_i ½ SNR(t) β_i mean(sg(y_f - y_r) · x) / w_i             (DI-like branch: DMD's direction
+        β_i = r² h'' ||y_r - y_f||² + 2 r h' (y_r - y_f)·(x - y_f)   (no gradient)    weighted by β_i)
+      + fdistill_weight · mean_i h_i · 0.5 ||x_i - sg(x_i - g_i)||²,  g = (y_f - y_r) / mean|x - y_r|
+        (f-distill's gradient of D_f(p_t || q_t) itself, not of the expansion; off by default)
       (+ λ_G softplus(-D(x_t')) with real images, as DMD2 / SiD)
+    w_i: SiD's normaliser (``weighting``). The defaults (score_weight = kl_weight = 1, fdistill_weight = 0, α = ½)
+    give exactly ∇_θ E_t[λ(t) J_t] with ``weighting=snr`` (w a function of t alone); the default ``mean_abs`` also
+    reweights samples by the detached 1 / mean|x - y_r|, as SiD and DMD2 do.
 Critic (fake score, then generator, 1:1 as SiD): SiD's fake-score loss, plus the discriminator that estimates r:
     λ_D [softplus(D(x_t)) + softplus(-D(x^p_t))],  x^p = real images when the run has a dataset, else (data-free)
     teacher samples drawn with ``teacher_sample_steps`` deterministic DDIM steps (the teacher with CFG κ4).
     At the optimum D = log p_t - log q_t: the logit is log r.
 
-Reductions (tests/methods/test_uni.py): divergence=reverse_kl, kl_weight=1, score_weight=0 gives DMD2's
-generator gradient; reverse_kl, kl_weight=0, score_weight=1 gives SiD's.
+Reductions (tests/methods/test_uni.py): reverse KL (h ≡ 1) has no DI-like branch and its SIM-like branch is SiD's
+loss (score_weight = 1: SiD's generator gradient at the same α; α = ½ is the exact Fisher-divergence gradient);
+reverse_kl with fdistill_weight = 1 and the other two 0 is DMD2's generator gradient.
 
-What is ours, not the paper's (the paper's Theorem 3.2 could not be read in full here): the score branch multiplies
-SiD's per-sample loss by the detached weight w_i (the weighted Fisher divergence with the weight held fixed), and
-the two branches are mixed by constant weights (``kl_weight``, ``score_weight``).
+Ours, not the paper's (whose Theorem 3.2 text we could not read): the split into branches and their weights are our
+own derivation, checked numerically; SiD's per-sample normaliser w_i, the batch normalisation of the weights and
+the clip of log r are kept from SiD / f-distill; α ≠ ½ and fdistill_weight > 0 leave the exact gradient.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from ..ode_pairs import ode_sample
 from ..registry import register
 from ..sid import SiD, SiDConfig, _finite_rows, _rows, guided
 from . import divergences
+from .tractable import ratio_branch, score_branch
 
 
 @dataclass
@@ -49,8 +58,10 @@ class UniConfig(SiDConfig):
     divergence: str = (
         "forward_kl"  # reverse_kl | softened_rkl | js | squared_hellinger | forward_kl | jeffreys | ...
     )
-    kl_weight: float = 1.0  # the Diff-Instruct / DMD branch (DMD2's distribution-matching term)
-    score_weight: float = 1.0  # the SIM / SiD branch (SiD's score-identity term)
+    alpha: float = 0.5  # SiD's α in the SIM-like branch; ½: the exact gradient of the expansion
+    kl_weight: float = 1.0  # the DI-like branch: DMD's direction weighted by β (from r's dependence on x_t)
+    score_weight: float = 1.0  # the SIM-like branch: h(r) · SiD_α - ½ r h'(r) ||y_r - y_f||²
+    fdistill_weight: float = 0.0  # f-distill's h(r) · DMD2 term: ∇ D_f(p_t || q_t), not the expansion's
     normalize_weights: bool = True  # h(r) / batch mean of h(r) (f-distill)
     max_log_ratio: float = 5.0  # |log r| clip before h (forward KL's h = r grows exponentially in the logit)
     teacher_sample_steps: int = (
@@ -71,10 +82,16 @@ class UniInstruct(SiD):
         super().__init__(*args, **kw)
         c = self.cfg
         divergences.get(c.divergence)  # a clear error for an unknown name
-        if c.kl_weight < 0 or c.score_weight < 0 or c.kl_weight + c.score_weight == 0:
+        mix = (c.kl_weight, c.score_weight, c.fdistill_weight)
+        if min(mix) < 0 or sum(mix) == 0:
             raise ValueError(
-                f"uni.kl_weight and uni.score_weight must be >= 0 and not both 0, got {c.kl_weight}, "
-                f"{c.score_weight}"
+                "uni.kl_weight, uni.score_weight and uni.fdistill_weight must be >= 0 and not all 0, got "
+                f"{c.kl_weight}, {c.score_weight}, {c.fdistill_weight}"
+            )
+        if not divergences.needs_ratio(c.divergence) and c.score_weight == 0 and c.fdistill_weight == 0:
+            raise ValueError(
+                "uni.divergence=reverse_kl has no DI-like branch (h is constant): set uni.score_weight or "
+                "uni.fdistill_weight"
             )
         if divergences.needs_ratio(c.divergence) and self.critic.head is None:
             raise ValueError(
@@ -94,11 +111,12 @@ class UniInstruct(SiD):
         """log r(x_t) = log p_t / q_t: the discriminator's logit on the fake score's features at (x_t, t)."""
         return self.critic.head(self.fake_score.mid_features(x_t.detach(), t, cond)).float()
 
-    def sample_weights(self, x_t, t, cond) -> torch.Tensor:
-        """w_i = h(r_i), batch-normalised (detached); exactly 1 for reverse KL (no discriminator call)."""
+    def sample_weights(self, x_t, t, cond) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h(r_i), r h'(r_i), r² h''(r_i)), divided by the batch mean of h (detached); reverse KL: (1, 0, 0)
+        without a discriminator call."""
         c = self.cfg
         lr = self.log_ratio(x_t, t, cond) if self.needs_ratio else None
-        return divergences.weights(
+        return divergences.branch_weights(
             c.divergence, lr, x_t.shape[0], c.max_log_ratio, c.normalize_weights, device=x_t.device
         )
 
@@ -121,7 +139,7 @@ class UniInstruct(SiD):
         score = c.score_weight > 0
         with (
             torch.enable_grad() if score else torch.no_grad()
-        ):  # the KL branch needs no graph through the scores
+        ):  # the DI-like and f-distill branches need no graph through the scores
             x_in = x_t if score else x_t.detach()
             (y_r,) = guided(self.teacher, x_in, t, cond, (plan.real,), self.null_cond)
             scales = (plan.fake, plan.fake_alpha) if score else (plan.fake,)
@@ -134,15 +152,23 @@ class UniInstruct(SiD):
             x, y_r, y_f, y_f_alpha = (
                 torch.where(_rows(ok, v), v, torch.zeros_like(v)) for v in (x, y_r, y_f, y_f_alpha)
             )
-        w = self.sample_weights(x_t, t, cond).to(device)
-        w = torch.where(ok, torch.nan_to_num(w, nan=0.0, posinf=0.0), 0.0)
+        h, rh1, r2h2 = (
+            torch.where(ok, torch.nan_to_num(v.to(device), nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+            for v in self.sample_weights(x_t, t, cond)
+        )
         count = ok.sum().clamp_min(1)
         terms = {}
-        if c.kl_weight > 0:
-            terms["dm"] = c.kl_weight * (w * dmd_per_sample(x, y_r, y_f)).sum() / count
+        if c.fdistill_weight > 0:
+            terms["dm"] = c.fdistill_weight * (h * dmd_per_sample(x, y_r, y_f)).sum() / count
+        if score or (c.kl_weight > 0 and self.needs_ratio):
+            w = self._weight(x, y_r, t)
         if score:
-            per = losses.sid_loss(x, y_r, y_f, c.alpha, self._weight(x, y_r, t), y_f_alpha)
-            terms["sid"] = c.score_weight * torch.where(ok, w * per, 0.0).sum() / count
+            per = score_branch(x, y_r, y_f, h, rh1, c.alpha, w, y_f_alpha)
+            terms["sid"] = c.score_weight * torch.where(ok, per, 0.0).sum() / count
+        if c.kl_weight > 0 and self.needs_ratio:  # reverse KL: β ≡ 0
+            snr = schedule.snr(acp, t).float()
+            per = ratio_branch(x, y_r, y_f, rh1, r2h2, snr, w)
+            terms["di"] = c.kl_weight * torch.where(ok, per, 0.0).sum() / count
         if self.with_gan and self.critic.gan_on(batch):
             terms["gan_g"] = c.gan_generator_weight * self.critic.generator_loss(x, cond, generator)
         return terms
