@@ -146,6 +146,55 @@ def test_weights_are_clipped_and_normalised_by_the_batch_mean():
         divergences.get("total_variation")
 
 
+def test_beta_clip_only_acts_on_outliers():
+    """The DI-like branch's clip (``beta_clip``): None is the exact branch; a batch with no per-sample weight
+    |½ SNR β' / w| beyond clip × the batch median gives the exact loss and gradient; an outlier is capped at the
+    bound (sign kept) and the other samples are untouched."""
+    g = torch.Generator().manual_seed(0)
+    n = 32
+    x, y_r, y_f = (torch.randn(n, 4, generator=g) for _ in range(3))
+    rh1, r2h2 = torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g)
+    w = torch.rand(n, generator=g) + 0.5
+    snr = torch.rand(n, generator=g) + 1.0
+
+    def branch(clip, snr=snr):
+        xg = x.clone().requires_grad_(True)
+        per = tractable.ratio_branch(xg, y_r, y_f, rh1, r2h2, snr, w, clip)
+        (grad,) = torch.autograd.grad(per.sum(), xg)
+        return per.detach(), grad
+
+    e = (0.5 * snr * tractable.ratio_weight(x, y_r, y_f, rh1, r2h2) / w).abs()
+    assert float(e.max() / e.median()) < 50  # no outlier at clip 50
+    exact, exact_grad = branch(None)
+    for clip in (50.0, 1e9):
+        per, grad = branch(clip)
+        torch.testing.assert_close(per, exact, rtol=0, atol=0)
+        torch.testing.assert_close(grad, exact_grad, rtol=0, atol=0)
+    # one outlier: SNR x 10⁵ on sample 0 (the median barely moves)
+    spiky = snr.clone()
+    spiky[0] *= 1e5
+    exact, exact_grad = branch(None, spiky)
+    per, grad = branch(50.0, spiky)
+    e = 0.5 * spiky * tractable.ratio_weight(x, y_r, y_f, rh1, r2h2) / w
+    bound = 50 * e.abs().median()
+    assert float(e[0].abs()) > bound and float(e[1:].abs().max()) < bound
+    torch.testing.assert_close(per[1:], exact[1:], rtol=0, atol=0)
+    torch.testing.assert_close(grad[1:], exact_grad[1:], rtol=0, atol=0)
+    torch.testing.assert_close(per[0], exact[0] * bound / e[0].abs())
+    assert float(per[0].abs()) < float(exact[0].abs())
+    with pytest.raises(ValueError, match="clip"):
+        tractable.clip_to_median(e, 0.0)
+
+
+def test_exact_setting_is_reachable_from_the_recipes():
+    cfg = load_config(REPO / "assets/configs/digits_uni.yaml", ["teacher=x", "output_dir=/tmp/x"])
+    assert cfg.section.beta_clip == 10.0
+    cfg = load_config(
+        REPO / "assets/configs/digits_uni.yaml", ["teacher=x", "output_dir=/tmp/x", "uni.beta_clip=null"]
+    )
+    assert cfg.section.beta_clip is None
+
+
 def _nets(seed=0):
     torch.manual_seed(seed)
     acp = scaled_linear_alphas_cumprod()
@@ -254,6 +303,7 @@ def test_each_sample_is_weighted_by_the_heads_ratio(name):
         score_weight=0.3,
         fdistill_weight=0.2,
         guidance_scale=1.0,
+        beta_clip=None,  # the exact estimator
     )
     terms = uni.loss("generator", {"cond": cond}, 0, torch.Generator().manual_seed(0))
     # replay the draws: x, t, ε; then the three branches by hand
@@ -280,6 +330,15 @@ def test_each_sample_is_weighted_by_the_heads_ratio(name):
     snr = acp[t] / (1 - acp[t])
     di = 0.5 * snr * beta * ((-diff.detach()) * x).mean(1) / w
     torch.testing.assert_close(terms["di"], 0.7 * di.mean())
+    # with the clip: the per-sample weight ½ SNR β / w capped at beta_clip × its batch median
+    uni.cfg.beta_clip = 2.0
+    clipped = uni.loss("generator", {"cond": cond}, 0, torch.Generator().manual_seed(0))
+    e = 0.5 * snr * beta / w
+    bound = 2.0 * e.abs().median()
+    assert bool((e.abs() > bound).any())  # the clip acts here
+    di = e.clamp(-bound, bound) * ((-diff.detach()) * x).mean(1)
+    torch.testing.assert_close(clipped["di"], 0.7 * di.mean())
+    torch.testing.assert_close(clipped["sid"], terms["sid"])
 
 
 def test_data_free_discriminator_trains_on_teacher_samples():

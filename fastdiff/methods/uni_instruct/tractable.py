@@ -72,6 +72,18 @@ def ratio_weight(
     return r2h2 * diff.pow(2).sum(1) + 2 * rh1 * (diff * (x - x0_fake).flatten(1)).sum(1)
 
 
+def clip_to_median(weight: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """Per-sample weights with |weight| capped at ``clip`` times the batch median of |weight| (sign kept);
+    ``None``: unchanged. Only outliers move: a batch whose |weight| all lie within ``clip`` medians is returned
+    as is."""
+    if clip is None:
+        return weight
+    if clip <= 0:
+        raise ValueError(f"the clip must be > 0 or None, got {clip}")
+    bound = clip * weight.detach().abs().median()
+    return weight.clamp(-bound, bound)
+
+
 def ratio_branch(
     x: torch.Tensor,
     x0_real: torch.Tensor,
@@ -80,13 +92,19 @@ def ratio_branch(
     r2h2: torch.Tensor,
     snr: torch.Tensor,
     weight: torch.Tensor | None = None,
+    clip: float | None = None,
 ) -> torch.Tensor:
     """DI-like branch per sample: ½ SNR(t) β' mean(sg(y_f - y_r) · x) / w: its gradient in x is
-    ½ SNR β' (y_f - y_r) / (numel w), DMD's direction weighted by β' (only x carries gradient)."""
+    ½ SNR β' (y_f - y_r) / (numel w), DMD's direction weighted by β' (only x carries gradient).
+
+    ``clip``: cap the per-sample effective weight e_i = ½ SNR(t_i) β'_i / w_i at ``clip`` × median_batch |e|
+    (``clip_to_median``); ``None`` (default here): the exact estimator. The exact one is heavy-tailed (forward KL:
+    β' = 2 r Δ·(x - y_f) with r up to e^max_log_ratio, SNR up to ~10⁴ at small t) and diverged on the GMM."""
     w = losses.mean_abs_weight(x, x0_real) if weight is None else weight
     beta = ratio_weight(x, x0_real, x0_fake, rh1, r2h2)
+    eff = clip_to_median(0.5 * snr.float() * beta / w, clip)
     direction = (x0_fake.detach().float() - x0_real.detach().float()) * x.float()
-    return 0.5 * snr.float() * beta * losses.per_sample_mean(direction) / w
+    return eff * losses.per_sample_mean(direction)
 
 
-__all__ = ["ratio_branch", "ratio_weight", "score_branch"]
+__all__ = ["clip_to_median", "ratio_branch", "ratio_weight", "score_branch"]
