@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from fastdiff.config import load_config
 from fastdiff.run import cpu_threads, load_checkpoint_method, train
 from fastdiff.schedule import ddim_timesteps
+from fastdiff.sr.teacher import init_scale_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "assets/configs/tiny_sdxl_dmd2.yaml"
@@ -223,7 +224,20 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
                 ["dataset=builtin:digits"] if "tscd" in recipe.read_text() else []
             ),  # TSCD trains on real images
             *(["agd.num_trajectories=2", "agd.num_inference_steps=3"] if "agd" in recipe.name else []),
-            *(["tadsr.target_items=2", "tadsr.target_steps=2", "resolution=64"] if family == "sd-x4" else []),
+            *(["resolution=64"] if family == "sd-x4" else []),
+            *(
+                ["tadsr.target_items=2", "tadsr.target_steps=2"]
+                if "method: tadsr" in recipe.read_text()
+                else []
+            ),
+            *(
+                [
+                    f"yonos.scale_teachers=[{init_scale_teacher(tiny_teachers['sd-x4'], tmp_path / 'x2')}]",
+                    "yonos.decoder_steps=1",
+                ]
+                if "method: yonos" in recipe.read_text()
+                else []
+            ),
             *(
                 ["dmd2.regression_pairs=2", "dmd2.regression_sampler_steps=2"]
                 if "init: regression" in recipe.read_text()
@@ -260,6 +274,7 @@ def test_every_recipe_runs_on_a_tiny_teacher_of_its_family(
             "msd": lambda c: c.dmd2.student_timesteps,
             "boot": lambda c: [999],  # the one-step generator g(ε, 0) is the UNet at t = 999
             "tadsr": lambda c: [999],
+            "yonos": lambda c: [999],  # one DDIM step at t = 999
         }
         expected = (
             students[cfg.method](method_cfg) if cfg.method in students else ddim_timesteps(method_cfg.segments[-1])

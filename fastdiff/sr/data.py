@@ -222,3 +222,18 @@ def example_pairs(n: int, size: int = PATCH_SIZE, scale: int = SCALE) -> SRPairs
 def example_low_res(n: int, size: int = PATCH_SIZE, scale: int = SCALE) -> list[Image.Image]:
     """The LR images of ``example_pairs`` as PIL images (what a user passes to the upscale pipeline)."""
     return [to_pil(lr) for lr in example_pairs(n, size, scale).lr]
+
+
+# ---- a teacher at a smaller scale (YONOS-SR's x2 teacher) ----
+
+
+def space_to_depth(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[N, 3, f h, f w]`` -> ``[N, 3 f², h, w]`` (``F.pixel_unshuffle``: output channel ``c f² + i f + j`` is pixel
+    (i, j) of each f x f block of colour c): a larger conditioning image on the latent grid, every pixel kept."""
+    return image if factor == 1 else F.pixel_unshuffle(image, factor)
+
+
+def scale_pairs(hr: torch.Tensor, scales: tuple[int, ...] = (2, SCALE)) -> dict[int, torch.Tensor]:
+    """The LR versions of HR patches ``[N, 3, S, S]`` at each magnification (``downscale``): ``{2: [N, 3, S/2, S/2],
+    4: [N, 3, S/4, S/4]}`` for the default; the same degradation at every scale."""
+    return {s: downscale(hr, s) for s in scales}

@@ -23,6 +23,11 @@ weights + EMA + optimizer + step):
    empty prompt (the teacher is conditioned on ""). AdamW, warm-up + cosine, EMA (the EMA is what is saved).
 
 The saved scheduler is ``DDIMScheduler`` with ``timestep_spacing="trailing"`` (20 steps start at t=999).
+
+``scale=2`` (``--scale 2``) trains YONOS-SR's x2 teacher instead: the same networks, conditioned on the x2 image
+space-to-depth (``space_to_depth``: 12 channels at the latent grid); with ``init_from`` an x4 teacher folder it
+reuses that teacher's VAE and text encoder (referenced, not copied) and starts from its UNet (``widen_conv_in``).
+Its folder is not a pipeline (see ``save_scale_teacher``, ``load_scale_teacher``, ``evaluate_scale_teacher``).
 ``evaluate(folder)`` measures the teacher at 20 steps and bicubic on the held-out grid (``grid_pairs("heldout")``),
 PSNR-Y (per image, per patch, pooled) and SSIM-Y; the ship rule: ship only if the teacher's per-image PSNR-Y beats
 bicubic's (``ship`` in the result).
@@ -33,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -44,7 +50,17 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..teacher_training import folder_mb, load_recipe, lr_scale, num_params
-from .data import PATCH_SIZE, SCALE, bicubic_upscale, from_pil, grid_pairs, random_pairs, to_pil
+from .data import (
+    PATCH_SIZE,
+    SCALE,
+    bicubic_upscale,
+    downscale,
+    from_pil,
+    grid_pairs,
+    random_pairs,
+    space_to_depth,
+    to_pil,
+)
 from .metrics import psnr, psnr_y, rgb_to_y, ssim_y
 
 STATE_DIR = "_train_state"  # checkpoints inside the output folder; removed when the run completes
@@ -125,7 +141,13 @@ class SRTeacherConfig:
 
     seed: int = 0
     num_threads: int = 1
-    patch_size: int = PATCH_SIZE  # HR crop side; LR = patch_size / 4
+    # the magnification: 4, the pipeline teacher (LR concatenated at the latent grid); 2, a YONOS-SR x2 teacher (the
+    # x2 image enters space-to-depth: pixel_unshuffle by 2, 12 channels at the same grid; not a pipeline folder)
+    scale: int = SCALE
+    # an x4 teacher folder to start from: its VAE (frozen, no VAE stage) and text encoder are reused and referenced,
+    # its UNet's weights copied with conv_in widened to the x2 conditioning (see widen_conv_in)
+    init_from: str | None = None
+    patch_size: int = PATCH_SIZE  # HR crop side; LR = patch_size / scale
     noise_level: int = 20  # the pipeline's noise_level the teacher is trained and meant to run at
     num_inference_steps: int = 20
     max_minutes: float | None = None  # wall-time cap of the whole run: the UNet stage stops early (not
@@ -172,6 +194,12 @@ def load_teacher_config(path: str | Path | None = None, overrides: list[str] | t
         )
     if not 0 <= cfg.noise_level <= MAX_NOISE_LEVEL:
         raise ConfigError(f"noise_level must be in [0, {MAX_NOISE_LEVEL}], got {cfg.noise_level}")
+    if cfg.scale not in (2, SCALE):
+        raise ConfigError(
+            f"scale must be 4 (the pipeline teacher) or 2 (a YONOS-SR x2 teacher), got {cfg.scale}"
+        )
+    if cfg.init_from is not None and cfg.scale == SCALE:
+        raise ConfigError("init_from starts an x2 teacher from an x4 one: set scale=2 (or --scale 2)")
     return cfg
 
 
@@ -220,8 +248,11 @@ def build_text_encoder(cfg: TextConfig, vocab_size: int, seed: int):
     return CLIPTextModel(config).eval().requires_grad_(False)
 
 
-def build_unet(cfg: UNetConfig, text: TextConfig, seed: int, sample_size: int = PATCH_SIZE // SCALE):
-    """A random-init x4-upscaler UNet: 7 input channels, noise level as class label, cross-attention where asked."""
+def build_unet(
+    cfg: UNetConfig, text: TextConfig, seed: int, sample_size: int = PATCH_SIZE // SCALE, in_channels: int = 7
+):
+    """A random-init x4-upscaler UNet: 7 input channels (4 + 12 for an x2 teacher), noise level as class label,
+    cross-attention where asked."""
     from diffusers import UNet2DConditionModel
 
     levels = {k: len(getattr(cfg, k)) for k in ("block_out_channels", "cross_attention", "attention_heads")}
@@ -231,7 +262,7 @@ def build_unet(cfg: UNetConfig, text: TextConfig, seed: int, sample_size: int = 
     xattn = list(cfg.cross_attention)
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=7,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=cfg.layers_per_block,
         block_out_channels=tuple(cfg.block_out_channels),
@@ -439,10 +470,12 @@ def noised_low_res(pipe, lr: torch.Tensor, noise_level: torch.Tensor, gen: torch
 
 def unet_loss_fn(pipe, cfg: SRTeacherConfig, seed: int) -> Callable[[int], torch.Tensor]:
     """Stage 2's loss of a step: v-prediction MSE on 0.08333 x VAE latents of HR crops, the UNet seeing the noised
-    latents concatenated with the noised LR image and the noise level as class label, exactly as at inference."""
+    latents concatenated with the noised LR image and the noise level as class label, exactly as at inference (a
+    scale-2 teacher: the noised x2 image space-to-depth instead of the LR image)."""
     prompt = empty_prompt_embeds(pipe)
     scale = pipe.vae.config.scaling_factor
     b, scheduler = cfg.unet.batch_size, pipe.scheduler
+    factor = SCALE // cfg.scale  # 1: the LR image as it is; 2: the x2 image space-to-depth
 
     def loss(step: int) -> torch.Tensor:
         gen = batch_generator(seed, 2, step)
@@ -454,7 +487,10 @@ def unet_loss_fn(pipe, cfg: SRTeacherConfig, seed: int) -> Callable[[int], torch
             level = torch.full((b,), cfg.noise_level, dtype=torch.long)
         else:
             level = torch.randint(0, cfg.unet.noise_level_max + 1, (b,), generator=gen)
-        lr = noised_low_res(pipe, pairs.lr, level, gen)
+        if factor == 1:
+            lr = noised_low_res(pipe, pairs.lr, level, gen)
+        else:
+            lr = space_to_depth(noised_low_res(pipe, downscale(pairs.hr, cfg.scale), level, gen), factor)
         eps = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen)
         z_t = scheduler.add_noise(z0, eps, t)
@@ -512,7 +548,14 @@ def train_teacher(cfg: SRTeacherConfig, out: str | Path, resume: bool = False) -
 
     # 1. VAE
     vae_dir = state_dir / "vae_done"
-    if resume and (vae_dir / "config.json").is_file():
+    factor = SCALE // cfg.scale  # the conditioning's space-to-depth factor (1: the x4 LR image as it is)
+    base = None
+    if cfg.init_from is not None:  # an x2 teacher on an x4 teacher's VAE and text encoder (no VAE stage)
+        base = _load_upscale_parts(cfg.init_from)
+        vae = base["vae"]
+        stats["vae"] = {"init_from": str(cfg.init_from)}
+        stats["vae"]["heldout_psnr_y"] = round(vae_heldout_psnr(vae, cfg.eval_max_patches), 3)
+    elif resume and (vae_dir / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
         stats["vae"] = json.loads((state_dir / "vae_stats.json").read_text())
         print(f"[vae] trained VAE loaded from {vae_dir}", flush=True)
@@ -532,12 +575,23 @@ def train_teacher(cfg: SRTeacherConfig, out: str | Path, resume: bool = False) -
     print(f"[vae] held-out reconstruction PSNR-Y {stats['vae']['heldout_psnr_y']} dB", flush=True)
 
     # 2. UNet
-    text_encoder = build_text_encoder(cfg.text, len(make_tokenizer()), cfg.seed + 100)
-    unet = build_unet(cfg.unet, cfg.text, cfg.seed + 200, cfg.patch_size // SCALE)
-    if cfg.unet.init == "copy":
-        gains = latent_gains(vae, cfg.seed, cfg.patch_size)
-        init_unet_as_copy(unet, gains)
-        stats["unet_copy_gains"] = gains
+    if base is not None:
+        if base["prediction_type"] != cfg.unet.prediction_type:
+            raise ConfigError(
+                f"init_from={cfg.init_from} predicts {base['prediction_type']!r}: set unet.prediction_type to it"
+            )
+        text_encoder = base["text_encoder"]
+        unet = widen_conv_in(base["unet"], factor)
+        stats["unet_init_from"] = str(cfg.init_from)
+    else:
+        text_encoder = build_text_encoder(cfg.text, len(make_tokenizer()), cfg.seed + 100)
+        unet = build_unet(
+            cfg.unet, cfg.text, cfg.seed + 200, cfg.patch_size // SCALE, in_channels=4 + 3 * factor**2
+        )
+        if cfg.unet.init == "copy":
+            gains = latent_gains(vae, cfg.seed, cfg.patch_size)
+            init_unet_as_copy(unet, gains, factor=factor)
+            stats["unet_copy_gains"] = gains
     pipe = assemble_pipeline(vae, text_encoder, unet, cfg.unet.prediction_type)
     stats["params"] = {
         "vae": num_params(vae),
@@ -549,11 +603,23 @@ def train_teacher(cfg: SRTeacherConfig, out: str | Path, resume: bool = False) -
         "unet", unet, unet_loss_fn(pipe, cfg, cfg.seed + 300), cfg.unet, state_dir, resume, deadline
     )
 
-    pipe.save_pretrained(out, safe_serialization=True)
-    if cfg.evaluate:
-        stats["evaluate"] = evaluate(
-            out, cfg.num_inference_steps, cfg.noise_level, cfg.seed, cfg.eval_max_patches
-        )
+    if cfg.scale == SCALE:
+        pipe.save_pretrained(out, safe_serialization=True)
+        if cfg.evaluate:
+            stats["evaluate"] = evaluate(
+                out, cfg.num_inference_steps, cfg.noise_level, cfg.seed, cfg.eval_max_patches
+            )
+    else:
+        save_scale_teacher(out, pipe, cfg.init_from)
+        write_teacher_json(out, cfg, stats)  # the loader reads it
+        if cfg.evaluate:
+            stats["evaluate"] = evaluate_scale_teacher(
+                out, cfg.num_inference_steps, cfg.noise_level, cfg.seed, cfg.eval_max_patches
+            )
+            if cfg.init_from is not None:  # the x4 teacher it started from, same patches and protocol
+                stats["evaluate"]["init_from"] = evaluate(
+                    cfg.init_from, cfg.num_inference_steps, cfg.noise_level, cfg.seed, cfg.eval_max_patches
+                )["teacher"]
     stats["total_wall_s"] = round(time.time() - t0, 1)
     write_teacher_json(out, cfg, stats)
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -572,6 +638,7 @@ def write_teacher_json(out: Path, cfg: SRTeacherConfig, stats: dict):
         "lr_patch_size": cfg.patch_size // SCALE,
         "degradation": "fastdiff.sr.data.downscale (antialiased bicubic x4, 8-bit)",
         "train_command": TRAIN_COMMAND,
+        **_scale_fields(out, cfg),
         "stats": stats,
         "config": dataclasses.asdict(cfg),
     }
@@ -800,12 +867,14 @@ def latent_gains(vae, seed: int, patch_size: int, n: int = 256) -> list[float]:
 
 
 @torch.no_grad()
-def init_unet_as_copy(unet, gains: list[float], level: float = 50.0, shift: float = 12.0):
+def init_unet_as_copy(unet, gains: list[float], level: float = 50.0, shift: float = 12.0, factor: int = 1):
     """Start an x0-predicting upscaler UNet as a copy of its conditioning: latent channels 0-2 = gain_c x the LR
     image (input channels 4-6), channel 3 = 0. The path is conv_in's skip into the last resnet of the last up block
     (its 1x1 shortcut reads only the LR copy), with every resnet branch and transformer output at zero so the
     trunk, time and class embeddings start without effect; the final GroupNorm keeps the image through
-    ``_constant_groups``. Training adds to the copy (the UNet then learns the 4th channel and corrections)."""
+    ``_constant_groups``. Training adds to the copy (the UNet then learns the 4th channel and corrections).
+    ``factor`` > 1: the conditioning is a larger image space-to-depth (``space_to_depth``), read as the mean of each
+    colour's ``factor²`` sub-pixel channels (its box-downscale)."""
     from diffusers.models.resnet import ResnetBlock2D
 
     latent = unet.config.out_channels
@@ -818,8 +887,10 @@ def init_unet_as_copy(unet, gains: list[float], level: float = 50.0, shift: floa
             m.proj_out.bias.zero_()
     unet.conv_in.weight[:3].zero_()
     unet.conv_in.bias[:3].zero_()
+    r2 = factor * factor
     for c in range(3):
-        unet.conv_in.weight[c, latent + c, 1, 1] = 1.0
+        for k in range(r2):
+            unet.conv_in.weight[c, latent + c * r2 + k, 1, 1] = 1.0 / r2
     final = unet.up_blocks[-1].resnets[-1]
     n = unet.conv_norm_out.num_channels // unet.conv_norm_out.num_groups
     hidden = final.conv1.in_channels - unet.config.block_out_channels[0]  # cat([trunk, conv_in skip])
@@ -830,3 +901,227 @@ def init_unet_as_copy(unet, gains: list[float], level: float = 50.0, shift: floa
         final.conv_shortcut.weight[n * c + 1, hidden + c] = -gains[c]
         final.conv2.bias[n * c + 2], final.conv2.bias[n * c + 3] = level, -level
     _constant_groups(unet.conv_norm_out, unet.conv_out, level, shift)
+
+
+# ------------------------------------------------------------------------------------------------- the x2 teacher
+# YONOS-SR's teacher at a smaller magnification: the bundled x4 teacher's shape except its conditioning, the x2 image
+# (32x32 for a 64 crop) space-to-depth (pixel_unshuffle by 2: 12 channels at the 16x16 latent grid), so it sees the
+# same noisy latents as the x4 student. StableDiffusionUpscalePipeline cannot feed 12 conditioning channels, so the
+# folder is not a pipeline: unet/ and scheduler/, plus fastdiff_teacher.json (``kind: scale-teacher``, ``scale``,
+# ``conditioning``, ``unshuffle_factor``, ``base``: the folder holding vae/, text_encoder/, tokenizer/ and
+# low_res_scheduler/, relative to it: the x4 teacher it started from, or "." when trained from scratch).
+
+SCALE_TEACHER_KIND = "scale-teacher"
+SCALE_TEACHER_COMMAND = "python train/sr_teacher.py --config assets/configs/teacher_sr_x2.yaml --scale 2"
+BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "low_res_scheduler")
+
+
+@torch.no_grad()
+def widen_conv_in(unet, factor: int):
+    """A copy of an x4 upscaler UNet whose conv_in reads a ``factor``-times larger image space-to-depth: the latent
+    columns as they are, each colour's ``factor²`` sub-pixel columns the x4 weight over ``factor²``, so at the
+    start the UNet reads the box-downscale of the larger image where it read the LR image."""
+    from diffusers import UNet2DConditionModel
+
+    latent, r2 = unet.config.out_channels, factor * factor
+    colours = unet.config.in_channels - latent
+    wide = UNet2DConditionModel.from_config({**unet.config, "in_channels": latent + colours * r2})
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    old = state.pop("conv_in.weight")
+    weight = torch.cat([old[:, :latent], old[:, latent:].repeat_interleave(r2, dim=1) / r2], dim=1)
+    missing = wide.load_state_dict({**state, "conv_in.weight": weight}, strict=True)
+    assert not missing.missing_keys
+    return wide if unet.dtype == torch.float32 else wide.to(unet.dtype)
+
+
+def _load_upscale_parts(folder: str | Path, dtype=torch.float32) -> dict:
+    """The components of an upscaler folder (a StableDiffusionUpscalePipeline or a scale teacher's base): frozen."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    if not (folder / "vae").is_dir():
+        raise FileNotFoundError(f"{folder} has no vae/: not an upscaler folder")
+    parts = {
+        "vae": AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype),
+        "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        "low_res_scheduler": DDPMScheduler.from_pretrained(folder / "low_res_scheduler"),
+    }
+    for name in ("vae", "text_encoder"):
+        parts[name].eval().requires_grad_(False)
+    if (folder / "unet").is_dir() and (folder / "scheduler").is_dir():
+        parts["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+        parts["scheduler"] = DDIMScheduler.from_pretrained(folder / "scheduler")
+        parts["prediction_type"] = parts["scheduler"].config.prediction_type
+    return parts
+
+
+def save_scale_teacher(out: str | Path, pipe, init_from: str | Path | None = None) -> Path:
+    """Write a scale teacher's folder: unet/ and scheduler/, and the base components (vae, text encoder, tokenizer,
+    low_res_scheduler) unless they are ``init_from``'s (referenced by ``_scale_fields``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.unet.save_pretrained(out / "unet", safe_serialization=True)
+    pipe.scheduler.save_pretrained(out / "scheduler")
+    if init_from is None:
+        for name in BASE_COMPONENTS:
+            getattr(pipe, name).save_pretrained(out / name)
+    return out
+
+
+def init_scale_teacher(init_from: str | Path, out: str | Path, scale: int = 2, noise_level: int = 0) -> Path:
+    """An untrained scale teacher folder: ``init_from``'s UNet with conv_in widened (``widen_conv_in``, the start of
+    ``init_from`` training), its VAE and text encoder referenced; tiny test teachers and checks use it."""
+    from types import SimpleNamespace
+
+    parts = _load_upscale_parts(init_from)
+    unet = widen_conv_in(parts["unet"], SCALE // scale)
+    cfg = SRTeacherConfig(scale=scale, init_from=str(init_from), noise_level=noise_level)
+    cfg.unet.prediction_type = parts["prediction_type"]
+    save_scale_teacher(out, SimpleNamespace(unet=unet, scheduler=parts["scheduler"]), init_from)
+    write_teacher_json(Path(out), cfg, {"trained": False})
+    return Path(out)
+
+
+def _scale_fields(out: Path, cfg: SRTeacherConfig) -> dict:
+    """fastdiff_teacher.json's fields of a scale teacher (none for the x4 pipeline teacher)."""
+    if cfg.scale == SCALE:
+        return {}
+    factor = SCALE // cfg.scale
+    base = (
+        "." if cfg.init_from is None else os.path.relpath(Path(cfg.init_from).resolve(), Path(out).resolve())
+    )
+    return {
+        "pipeline": None,
+        "kind": SCALE_TEACHER_KIND,
+        "scale": cfg.scale,
+        "conditioning": "pixel_unshuffle",
+        "unshuffle_factor": factor,
+        "conditioning_channels": 3 * factor**2,
+        "base": Path(base).as_posix(),
+        "lr_patch_size": cfg.patch_size // cfg.scale,
+        "degradation": f"fastdiff.sr.data.downscale (antialiased bicubic x{cfg.scale}, 8-bit)",
+        "train_command": SCALE_TEACHER_COMMAND,
+        "load": "fastdiff.sr.teacher.load_scale_teacher(folder)",
+    }
+
+
+@dataclass
+class ScaleTeacher:
+    """A loaded scale teacher: its UNet (input: 4 latent channels + the ``scale`` image's ``space_to_depth`` by
+    ``factor``), its DDIM scheduler, and the base components it shares with its x4 teacher."""
+
+    folder: Path
+    base: Path
+    scale: int
+    factor: int
+    noise_level: int
+    unet: torch.nn.Module
+    scheduler: object
+    info: dict
+    parts: dict | None = None  # vae, text_encoder, tokenizer, low_res_scheduler (``with_base=True``)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def condition(self, noised_image: torch.Tensor) -> torch.Tensor:
+        """The UNet's conditioning channels from the (low_res_scheduler-noised) ``scale`` image."""
+        return space_to_depth(noised_image, self.factor)
+
+
+def load_scale_teacher(folder: str | Path, dtype=torch.float32, with_base: bool = False) -> ScaleTeacher:
+    """Load a scale teacher folder (``save_scale_teacher``); ``with_base`` also loads its base components."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    folder = Path(folder)
+    info_path = folder / "fastdiff_teacher.json"
+    if not info_path.is_file():
+        raise ValueError(f"{folder} is not a scale teacher: no fastdiff_teacher.json (train one with "
+                                f"`{SCALE_TEACHER_COMMAND} --out {folder}`)")  # fmt: skip
+    info = json.loads(info_path.read_text())
+    if info.get("kind") != SCALE_TEACHER_KIND:
+        raise ValueError(f"{folder} is not a scale teacher (fastdiff_teacher.json kind {info.get('kind')!r})")
+    unet = (
+        UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval().requires_grad_(False)
+    )
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    factor = int(info["unshuffle_factor"])
+    expected = unet.config.out_channels + 3 * factor**2
+    if unet.config.in_channels != expected:
+        raise ValueError(
+            f"{folder}: the UNet takes {unet.config.in_channels} channels, not 4 + 3 x {factor}²"
+        )
+    base = (folder / info.get("base", ".")).resolve()
+    st = ScaleTeacher(
+        folder, base, int(info["scale"]), factor, int(info.get("noise_level", 0)), unet, scheduler, info
+    )
+    if with_base:
+        st.parts = _load_upscale_parts(base, dtype)
+    return st
+
+
+@torch.no_grad()
+def upscale_scale_teacher(
+    st: ScaleTeacher, low_res: torch.Tensor, steps: int, noise_level: int, seed: int, batch: int = 64
+) -> torch.Tensor:
+    """A scale teacher's DDIM sampler on ``low_res`` ``[N, 3, h, w]`` (its scale's LR images): as the upscale
+    pipeline samples (empty prompt, the image noised by low_res_scheduler at ``noise_level``, pure-noise latents at
+    the latent grid), conditioning space-to-depth; 8-bit outputs ``[N, 3, scale h, scale w]`` in [-1, 1]."""
+    from diffusers import DDIMScheduler
+
+    parts = st.parts or _load_upscale_parts(st.base)
+    vae, low_sched = parts["vae"], parts["low_res_scheduler"]
+    ids = parts["tokenizer"]([""], padding="max_length", max_length=parts["tokenizer"].model_max_length,
+                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    prompt = parts["text_encoder"](ids)[0]
+    scheduler = DDIMScheduler.from_config(st.scheduler.config)
+    outputs = []
+    for i in range(0, len(low_res), batch):
+        lr = low_res[i : i + batch].float()
+        n, (h, w) = lr.shape[0], lr.shape[-2:]
+        g = torch.Generator().manual_seed(seed + i)
+        level = torch.full((n,), int(noise_level), dtype=torch.long)
+        cond = st.condition(low_sched.add_noise(lr, torch.randn(lr.shape, generator=g), level))
+        latents = torch.randn((n, st.unet.config.out_channels, h // st.factor, w // st.factor), generator=g)
+        scheduler.set_timesteps(steps)
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x = torch.cat([scheduler.scale_model_input(latents, t), cond], dim=1)
+            pred = st.unet(x, t, encoder_hidden_states=prompt.expand(n, -1, -1), class_labels=level).sample
+            latents = scheduler.step(pred, t, latents).prev_sample
+        outputs.append(_quantize(vae.decode(latents / vae.config.scaling_factor).sample))
+    return torch.cat(outputs)
+
+
+def evaluate_scale_teacher(
+    folder: str | Path,
+    num_inference_steps: int | None = None,
+    noise_level: int | None = None,
+    seed: int = 0,
+    max_patches: int | None = None,
+) -> dict:
+    """``evaluate`` for a scale teacher: the same held-out HR patches, its input their ``downscale`` at its scale;
+    bicubic from that input and, for reference, bicubic x4 (the x4 teacher's row)."""
+    st = load_scale_teacher(folder, with_base=True)
+    steps = num_inference_steps or st.info.get("num_inference_steps", 20)
+    noise_level = st.noise_level if noise_level is None else noise_level
+    pairs = grid_pairs("heldout")
+    hr, names = pairs.hr[:max_patches], pairs.names[:max_patches]
+    low = downscale(hr, st.scale)
+    t0 = time.time()
+    pred = upscale_scale_teacher(st, low, steps, noise_level, seed)
+    seconds = time.time() - t0
+    result = {
+        "patches": len(hr),
+        "hr_size": hr.shape[-1],
+        "scale": st.scale,
+        "num_inference_steps": steps,
+        "noise_level": noise_level,
+        "teacher": dict(_scores(pred, hr, names), seconds_per_patch=round(seconds / len(hr), 4)),
+        f"bicubic_x{st.scale}": _scores(_quantize(bicubic_upscale(low, st.scale)), hr, names),
+        f"bicubic_x{SCALE}": _scores(_quantize(bicubic_upscale(pairs.lr[:max_patches])), hr, names),
+    }
+    print(f"[evaluate] {json.dumps(result)}", flush=True)
+    return result
