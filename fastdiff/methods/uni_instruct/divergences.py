@@ -108,33 +108,6 @@ def needs_ratio(name: str) -> bool:
     return get(name).name != "reverse_kl"
 
 
-def weights(
-    name: str,
-    log_ratio: torch.Tensor | None,
-    n: int,
-    max_log_ratio: float = 5.0,
-    normalize: bool = True,
-    device=None,
-) -> torch.Tensor:
-    """Per-sample weights h(r) (detached, float32) from log r = the discriminator's logit.
-
-    log r is clipped to ±``max_log_ratio``; ``normalize`` divides by the batch mean (f-distill's normalisation).
-    Reverse KL needs no ratio (``log_ratio`` may be None) and gives exactly ones.
-    """
-    div = get(name)
-    if not needs_ratio(name):
-        return torch.ones(n, device=device if log_ratio is None else log_ratio.device)
-    if log_ratio is None:
-        raise ValueError(
-            f"uni.divergence={name} weights samples by the density ratio: it needs the discriminator"
-        )
-    lr = log_ratio.detach().float().clamp(-max_log_ratio, max_log_ratio)
-    h = div.h(lr)
-    if normalize:
-        h = h / h.mean().clamp_min(1e-12)
-    return h
-
-
 def branch_weights(
     name: str,
     log_ratio: torch.Tensor | None,
@@ -143,22 +116,39 @@ def branch_weights(
     normalize: bool = True,
     device=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (h(r), r h'(r), r² h''(r)) (detached, float32) for the tractable loss of ``tractable``.
+    """Per-sample (h(r), r h'(r), r² h''(r)) (detached, float32) for the tractable loss of ``tractable``, from
+    log r = the discriminator's logit.
 
-    log r is clipped to ±``max_log_ratio`` as in ``weights``; ``normalize`` divides all three by the batch mean of
-    h (one positive factor per batch: the direction of the gradient is unchanged). Reverse KL: (1, 0, 0).
+    log r is clipped to ±``max_log_ratio``; ``normalize`` divides all three by the batch mean of h (f-distill's
+    normalisation: one positive factor per batch, the direction of the gradient is unchanged). Reverse KL needs no
+    ratio (``log_ratio`` may be None) and gives exactly (1, 0, 0).
     """
-    h = weights(name, log_ratio, n, max_log_ratio, normalize=False, device=device)
-    if not needs_ratio(name):
-        zero = torch.zeros_like(h)
-        return h, zero, zero
-    lr = log_ratio.detach().float().clamp(-max_log_ratio, max_log_ratio)
     div = get(name)
+    if not needs_ratio(name):
+        ones = torch.ones(n, device=device if log_ratio is None else log_ratio.device)
+        return ones, torch.zeros_like(ones), torch.zeros_like(ones)
+    if log_ratio is None:
+        raise ValueError(
+            f"uni.divergence={name} weights samples by the density ratio: it needs the discriminator"
+        )
+    lr = log_ratio.detach().float().clamp(-max_log_ratio, max_log_ratio)
     h, rh1, r2h2 = div.h(lr), div.rh1(lr), div.r2h2(lr)
     if normalize:
         scale = h.mean().clamp_min(1e-12)
         h, rh1, r2h2 = h / scale, rh1 / scale, r2h2 / scale
     return h, rh1, r2h2
+
+
+def weights(
+    name: str,
+    log_ratio: torch.Tensor | None,
+    n: int,
+    max_log_ratio: float = 5.0,
+    normalize: bool = True,
+    device=None,
+) -> torch.Tensor:
+    """Per-sample weights h(r) alone (``branch_weights``' first element)."""
+    return branch_weights(name, log_ratio, n, max_log_ratio, normalize, device)[0]
 
 
 def h_of_r(name: str, r: float) -> float:
